@@ -1,0 +1,273 @@
+"""Checkpoint -> ONNX (fp32) -> int8 ONNX, checked before anything is written.
+
+The model directory is the contract with the runtime::
+
+    model.onnx          int8 (dynamically quantized) scorer: sequence + coupon vectors -> probabilities
+    model_fp32.onnx     the fp32 scorer it was quantized from (reference, benchmarks)
+    coupon_tower.onnx   coupon terms -> coupon vectors, run once per catalog load (fp32: it is tiny)
+    manifest.json       inputs/outputs, feature spec, version, quantization, parity figures, sha256s
+
+The export refuses to write the directory when a check fails: ``onnx.checker``, torch vs onnxruntime
+fp32 parity on fixed inputs (empty history, one event, full length, a padded mixed batch), and fp32 vs
+int8 agreement on held-out users (AUC per head, top-1 coupon by uplift).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+
+from runtime.features import COUPON_INPUTS, SEQUENCE_INPUTS, FeatureSpec, coupon_features, featurize_batch
+from runtime.scorer import MANIFEST, MODEL_FORMAT, OUTPUTS, session_options
+from training.model import CouponModel, CouponTowerExport, ServingModel
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+class ExportCheckError(RuntimeError):
+    """An exported model failed one of its own checks; nothing was written."""
+
+
+@dataclass
+class ExportConfig:
+    fp32_tolerance: float = 1e-4  # max |torch - onnxruntime fp32| over every output
+    max_auc_drop: float = 0.003  # max AUC(fp32) - AUC(int8), per head, on held-out users
+    min_top1_agreement: float = 0.97  # share of held-out users whose top coupon by uplift is the same
+    per_channel: bool = True  # per-output-channel weight scales: better accuracy at the same size
+    quantize_ops: tuple[str, ...] = ("MatMul", "Gemm", "Gather")  # Gather: the embedding tables dominate size
+    keep_heads_fp32: bool = True  # leave the user x coupon heads (everything after `profile`) in fp32
+    max_eval_users: int = 4000  # held-out users for the fp32 vs int8 comparison
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _export(module: torch.nn.Module, args: tuple, names: list[str], outputs: list[str],
+            dynamic_shapes: dict, path: Path) -> None:
+    program = torch.onnx.export(module, args, input_names=names, output_names=outputs, dynamic_shapes=dynamic_shapes,
+                                dynamo=True, opset_version=OPSET, external_data=False)
+    program.save(str(path), external_data=False)
+
+
+def parity_cases(spec: FeatureSpec) -> dict[str, dict[str, np.ndarray]]:
+    """Fixed inputs covering the shapes that break exports: empty, single, full length, padded batch."""
+    rng = np.random.default_rng(0)
+    cats = spec.categories or ["unknown"]
+
+    def history(n: int, offset: int = 0) -> list[dict]:
+        return [{"ts": 1_700_000_000 + 3600 * i, "event": ("view", "cart", "purchase")[i % 3],
+                 "item_id": f"item-{rng.integers(0, 10_000)}", "category": cats[(i + offset) % len(cats)],
+                 "price": float(rng.uniform(1, 300))} for i in range(n)]
+
+    now = 1_700_000_000 + 3600 * (spec.max_len + 5)
+    return {
+        "empty_history": featurize_batch([[]], spec, [now]),
+        "one_event": featurize_batch([history(1)], spec, [now]),
+        "full_length": featurize_batch([history(spec.max_len + 10)], spec, [now]),
+        "mixed_batch": featurize_batch([[], history(3, 1), history(spec.max_len, 2), history(17, 3)], spec, [now] * 4),
+    }
+
+
+def head_nodes(model_path: Path, source: str = "profile") -> list[str]:
+    """Names of the nodes downstream of ``source``: the user x coupon heads.
+
+    Uplift is a small difference between two probabilities and coupons often sit close together;
+    int8 rounding of the heads' activations flips those near-ties (top-1 agreement fell to ~40% on
+    the demo model), while the heads hold a few percent of the weights. So they stay fp32.
+    """
+    graph = onnx.load(str(model_path)).graph
+    reached, names = {source}, []
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        if any(i in reached for i in node.input):
+            names.append(node.name)
+            reached.update(node.output)
+    return names
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(x - y))) if x.size else 0.0 for x, y in zip(a, b))
+
+
+def _auc(y: np.ndarray, p: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+    return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+
+
+def held_out_agreement(fp32: ort.InferenceSession, int8: ort.InferenceSession, coupon_vectors: np.ndarray,
+                       held_out, coupon_index: np.ndarray, redeemed: np.ndarray, purchased: np.ndarray,
+                       batch_size: int = 256) -> dict[str, Any]:
+    """fp32 vs int8 on held-out issuance rows: per-head AUC and top-1 uplift coupon agreement."""
+    outs: dict[str, list[list[np.ndarray]]] = {"fp32": [[], [], []], "int8": [[], [], []]}
+    for start in range(0, len(held_out), batch_size):
+        idx = np.arange(start, min(start + batch_size, len(held_out)))
+        feeds = {k: v.numpy() for k, v in held_out.batch(idx).items()}
+        feeds["coupon_vectors"] = coupon_vectors
+        for name, sess in (("fp32", fp32), ("int8", int8)):
+            _, p_redeem, p_buy, p_control = sess.run(None, feeds)
+            for acc, value in zip(outs[name], (p_redeem, p_buy, p_control)):
+                acc.append(value)
+    treated = coupon_index >= 0
+    rows = np.arange(len(coupon_index))
+    col = np.maximum(coupon_index, 0)
+    result: dict[str, Any] = {"n_rows": int(len(coupon_index))}
+    top1 = {}
+    for name in ("fp32", "int8"):
+        p_redeem, p_buy, p_control = (np.concatenate(o) for o in outs[name])
+        result[f"auc_{name}"] = {
+            "p_redeem": _auc(redeemed[treated], p_redeem[rows, col][treated]),
+            "p_buy": _auc(purchased[treated], p_buy[rows, col][treated]),
+            "p_buy_control": _auc(purchased[~treated], p_control[~treated]),
+        }
+        top1[name] = (p_buy - p_control[:, None]).argmax(axis=1)
+        result[f"probs_{name}"] = p_buy
+    result["auc_drop"] = {h: result["auc_fp32"][h] - result["auc_int8"][h] for h in result["auc_fp32"]}
+    result["top1_agreement"] = float((top1["fp32"] == top1["int8"]).mean())
+    result["max_abs_diff_p_buy"] = float(np.max(np.abs(result.pop("probs_fp32") - result.pop("probs_int8"))))
+    return result
+
+
+def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Path | None = None,
+                 config: ExportConfig | None = None) -> dict[str, Any]:
+    """Export, check, quantize, check again, then write ``out_dir`` atomically. Returns the manifest."""
+    from training.train import TrainingData, _subset, issuance_arrays, load_checkpoint, load_training_data
+    from training.config import TrainConfig
+
+    config = config or ExportConfig()
+    started = time.perf_counter()
+    model, ckpt = load_checkpoint(checkpoint)
+    spec = FeatureSpec.from_dict(ckpt["feature_spec"])
+    out_dir = Path(out_dir)
+    work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        serving, tower = ServingModel(model).eval(), CouponTowerExport(model).eval()
+        coupons = coupon_features(ckpt["coupons"], spec)
+        example = parity_cases(spec)["mixed_batch"]
+        with torch.no_grad():
+            coupon_vectors_t = tower(*(torch.from_numpy(coupons[k]) for k in COUPON_INPUTS))
+        batch, seq, cand = (torch.export.Dim(n, min=1, max=m) for n, m in
+                            (("batch", 65536), ("seq", spec.max_len + 1), ("candidates", 65536)))
+        seq_shapes = {name: {0: batch, 1: seq} for name in SEQUENCE_INPUTS}
+        log.info("exporting the scorer graph to ONNX (opset %d)", OPSET)
+        _export(serving, tuple(torch.from_numpy(example[k]) for k in SEQUENCE_INPUTS) + (coupon_vectors_t,),
+                list(SEQUENCE_INPUTS) + ["coupon_vectors"], list(OUTPUTS),
+                {**seq_shapes, "coupon_vectors": {0: cand}}, work / "model_fp32.onnx")
+        n_coupons = torch.export.Dim("coupons", min=1, max=65536)
+        _export(tower, tuple(torch.from_numpy(coupons[k]) for k in COUPON_INPUTS), list(COUPON_INPUTS),
+                ["coupon_vectors"], {k: {0: n_coupons} for k in COUPON_INPUTS}, work / "coupon_tower.onnx")
+        for name in ("model_fp32.onnx", "coupon_tower.onnx"):
+            onnx.checker.check_model(onnx.load(str(work / name)), full_check=True)
+
+        opts = session_options(threads=1)
+        tower_sess = ort.InferenceSession(str(work / "coupon_tower.onnx"), opts, providers=["CPUExecutionProvider"])
+        coupon_vectors = tower_sess.run(None, coupons)[0]
+        tower_diff = float(np.max(np.abs(coupon_vectors - coupon_vectors_t.numpy())))
+        fp32 = ort.InferenceSession(str(work / "model_fp32.onnx"), opts, providers=["CPUExecutionProvider"])
+        parity = {"coupon_tower_max_abs_diff": tower_diff, "cases": {}}
+        for case, feeds in parity_cases(spec).items():
+            with torch.no_grad():
+                ref = [t.numpy() for t in serving(*(torch.from_numpy(feeds[k]) for k in SEQUENCE_INPUTS), coupon_vectors_t)]
+            got = fp32.run(None, {**feeds, "coupon_vectors": coupon_vectors_t.numpy()})
+            if any(np.isnan(g).any() for g in got):
+                raise ExportCheckError(f"onnxruntime produced NaN on parity case {case!r}")
+            parity["cases"][case] = _max_diff(ref, got)
+        parity["fp32_max_abs_diff"] = max(list(parity["cases"].values()) + [tower_diff])
+        log.info("torch vs onnxruntime fp32 parity: %s", parity["cases"])
+        if parity["fp32_max_abs_diff"] > config.fp32_tolerance:
+            raise ExportCheckError(f"fp32 parity {parity['fp32_max_abs_diff']:.2e} exceeds {config.fp32_tolerance:.0e}")
+
+        log.info("quantizing to int8 (dynamic, per_channel=%s, ops=%s)", config.per_channel, config.quantize_ops)
+        excluded = head_nodes(work / "model_fp32.onnx") if config.keep_heads_fp32 else []
+        with _quiet_root_logger():  # quantize_dynamic logs a line per tensor at INFO on the root logger
+            quantize_dynamic(str(work / "model_fp32.onnx"), str(work / "model.onnx"), weight_type=QuantType.QInt8,
+                             per_channel=config.per_channel, op_types_to_quantize=list(config.quantize_ops),
+                             nodes_to_exclude=excluded)
+        onnx.checker.check_model(onnx.load(str(work / "model.onnx")), full_check=True)
+        int8 = ort.InferenceSession(str(work / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+
+        train_config = TrainConfig.from_dict(ckpt["train_config"])
+        if data_dir is not None:
+            train_config.data_dir = str(data_dir)
+        td: TrainingData = load_training_data(train_config)
+        td.spec = spec  # featurize exactly as the checkpoint does, whatever the data's own vocabulary
+        issued = issuance_arrays(td.issuance, td.histories, spec, [c["coupon_id"] for c in ckpt["coupons"]])
+        held_out = _subset(issued, td.eval_mask)
+        if len(held_out.seq) > config.max_eval_users:
+            held_out = _subset(held_out, np.arange(len(held_out.seq)) < config.max_eval_users)
+        quant = held_out_agreement(fp32, int8, coupon_vectors, held_out.seq, held_out.coupon_index,
+                                   held_out.redeemed, held_out.purchased)
+        log.info("fp32 vs int8 on %d held-out rows: AUC drop %s, top-1 agreement %.4f", quant["n_rows"],
+                 {k: round(v, 5) for k, v in quant["auc_drop"].items()}, quant["top1_agreement"])
+        worst_drop = max(quant["auc_drop"].values())
+        if not worst_drop <= config.max_auc_drop:
+            raise ExportCheckError(f"int8 AUC drop {worst_drop:.4f} exceeds {config.max_auc_drop}")
+        if quant["top1_agreement"] < config.min_top1_agreement:
+            raise ExportCheckError(f"int8 top-1 agreement {quant['top1_agreement']:.4f} below {config.min_top1_agreement}")
+
+        files = {name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size}
+                 for name in ("model.onnx", "model_fp32.onnx", "coupon_tower.onnx")}
+        manifest = {
+            "format": MODEL_FORMAT,
+            "model_version": f"ec-{files['model.onnx']['sha256'][:12]}",
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": files,
+            "scorer": {"file": "model.onnx", "fp32_file": "model_fp32.onnx",
+                       "inputs": _io(int8.get_inputs()), "outputs": _io(int8.get_outputs())},
+            "coupon_tower": {"file": "coupon_tower.onnx", "inputs": _io(tower_sess.get_inputs()),
+                             "outputs": _io(tower_sess.get_outputs())},
+            "feature_spec": spec.to_dict(),
+            "model_config": ckpt["model_config"],
+            "opset": OPSET,
+            "quantization": {"method": "onnxruntime.quantize_dynamic", "weight_type": "int8",
+                             "per_channel": config.per_channel, "op_types": list(config.quantize_ops),
+                             "fp32_nodes": len(excluded),
+                             "size_ratio": files["model.onnx"]["bytes"] / files["model_fp32.onnx"]["bytes"]},
+            "parity": {**parity, "int8_vs_fp32": quant},
+            "checks": dataclasses.asdict(config),
+            "training_metrics": ckpt.get("metrics", {}).get("heads", {}).get("transformer"),
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        work.rename(out_dir)
+        log.info("wrote %s (%s, int8 %.0f KB = %.2fx fp32) in %.0f s", out_dir, manifest["model_version"],
+                 files["model.onnx"]["bytes"] / 1024, manifest["quantization"]["size_ratio"], time.perf_counter() - started)
+        return manifest
+    finally:
+        if work.exists():
+            shutil.rmtree(work)
+
+
+def _io(nodes) -> list[dict[str, Any]]:
+    return [{"name": n.name, "type": n.type, "shape": [d if isinstance(d, int) else str(d) for d in n.shape]} for n in nodes]

@@ -1,0 +1,214 @@
+"""The edge scorer: a model directory + a coupon catalog -> ranked coupons per user. numpy + onnxruntime.
+
+onnxruntime session options are set for small shared CPUs (see ``session_options``): an explicit
+intra-op thread count (1 by default: one request is ~0.1 ms of work, far too little to split across
+threads, and a web server runs one process per core), no inter-op parallelism, and thread spinning
+off, so idle workers do not burn the cores other processes need.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.features import SEQUENCE_INPUTS, FeatureSpec, collate, coupon_features, coupon_number, featurize_one
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MODEL_FORMAT = "edgecoupon-model/1"
+OUTPUTS = ("profile", "p_redeem", "p_buy", "p_buy_control")
+OBJECTIVES = ("uplift", "p_redeem", "p_buy")
+CATALOG_FIELDS = ("coupon_id", "kind", "value", "min_spend", "category", "cost")
+
+
+class ModelIntegrityError(RuntimeError):
+    """The model directory is incomplete, of an unknown format, or a file does not match its checksum."""
+
+
+class UnknownCouponError(ValueError):
+    """Candidates named coupons that are not in the loaded catalog."""
+
+    def __init__(self, coupon_ids: Sequence[str]):
+        self.coupon_ids = list(coupon_ids)
+        super().__init__(f"unknown candidate coupon(s): {self.coupon_ids[:10]}")
+
+
+def session_options(threads: int = 1) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return opts
+
+
+def load_catalog(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A coupon catalog from a CSV/JSON file or from rows; every row is validated up front."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if path.suffix == ".json":
+            rows = json.loads(path.read_text())
+        else:
+            with open(path, newline="") as fh:
+                rows = list(csv.DictReader(fh))
+    else:
+        rows = [dict(r) for r in source]
+    catalog = []
+    seen = set()
+    for row in rows:
+        coupon_id = str(row.get("coupon_id", "")).strip()
+        if not coupon_id:
+            raise ValueError("catalog row without coupon_id")
+        if coupon_id in seen:
+            raise ValueError(f"duplicate coupon_id {coupon_id!r} in catalog")
+        seen.add(coupon_id)
+        row = {**row, "coupon_id": coupon_id}
+        catalog.append({"coupon_id": coupon_id, "kind": row.get("kind"), "value": coupon_number(row, "value"),
+                        "min_spend": coupon_number(row, "min_spend"), "category": str(row.get("category") or "*"),
+                        "cost": coupon_number(row, "cost")})
+    if not catalog:
+        raise ValueError("the coupon catalog is empty")
+    return catalog
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(model_dir: str | Path, verify: bool = True, files: Sequence[str] | None = None) -> dict[str, Any]:
+    """Read ``manifest.json`` and check the sha256 of ``files`` (default: all it lists)."""
+    model_dir = Path(model_dir)
+    try:
+        manifest = json.loads((model_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ModelIntegrityError(f"{model_dir} has no {MANIFEST}") from None
+    except json.JSONDecodeError as exc:
+        raise ModelIntegrityError(f"{model_dir / MANIFEST} is not valid JSON: {exc}") from None
+    if manifest.get("format") != MODEL_FORMAT:
+        raise ModelIntegrityError(f"unsupported model format {manifest.get('format')!r}, expected {MODEL_FORMAT!r}")
+    if verify:
+        for name in files if files is not None else manifest["files"]:
+            expected = manifest["files"][name]["sha256"]
+            path = model_dir / name
+            if not path.exists():
+                raise ModelIntegrityError(f"{path} is missing")
+            if _sha256(path) != expected:
+                raise ModelIntegrityError(f"{path} does not match its sha256 in the manifest")
+    return manifest
+
+
+class Scorer:
+    """Scores users x coupons with the exported model.
+
+    ``precision`` picks ``model.onnx`` (int8, the default) or ``model_fp32.onnx``. Coupon vectors for
+    the catalog are computed once here, not per request.
+    """
+
+    def __init__(self, model_dir: str | Path, catalog: str | Path | Iterable[Mapping[str, Any]], *,
+                 threads: int = 1, precision: str = "int8", verify: bool = True):
+        if precision not in ("int8", "fp32"):
+            raise ValueError(f"precision must be 'int8' or 'fp32', got {precision!r}")
+        self.model_dir = Path(model_dir)
+        head = read_manifest(self.model_dir, verify=False)
+        scorer_file = head["scorer"]["file"] if precision == "int8" else head["scorer"]["fp32_file"]
+        tower_file = head["coupon_tower"]["file"]
+        self.manifest = read_manifest(self.model_dir, verify=verify, files=[scorer_file, tower_file])
+        self.model_version: str = self.manifest["model_version"]
+        self.precision = precision
+        self.spec = FeatureSpec.from_dict(self.manifest["feature_spec"])
+        opts = session_options(threads)
+        providers = ["CPUExecutionProvider"]
+        self._session = ort.InferenceSession(str(self.model_dir / scorer_file), opts, providers=providers)
+        self._tower = ort.InferenceSession(str(self.model_dir / tower_file), opts, providers=providers)
+        self.set_catalog(catalog)
+
+    # ------------------------------------------------------------------------------------ catalog
+    def set_catalog(self, catalog: str | Path | Iterable[Mapping[str, Any]]) -> None:
+        """Load (or replace) the catalog and compute its coupon vectors once."""
+        coupons = load_catalog(catalog)
+        vectors = self._tower.run(None, coupon_features(coupons, self.spec))[0]  # [C, H]
+        # swap all three together so a concurrent request never sees a half-updated catalog
+        self._catalog_state = (coupons, {c["coupon_id"]: i for i, c in enumerate(coupons)}, vectors)
+
+    @property
+    def coupons(self) -> list[dict[str, Any]]:
+        return self._catalog_state[0]
+
+    @property
+    def coupon_ids(self) -> list[str]:
+        return [c["coupon_id"] for c in self._catalog_state[0]]
+
+    def candidate_index(self, candidates: Sequence[str] | None) -> np.ndarray:
+        """Catalog positions of ``candidates`` (all coupons when None); raises UnknownCouponError."""
+        coupons, index, _ = self._catalog_state
+        if candidates is None:
+            return np.arange(len(coupons))
+        missing = [c for c in candidates if c not in index]
+        if missing:
+            raise UnknownCouponError(missing)
+        return np.fromiter((index[c] for c in dict.fromkeys(candidates)), dtype=np.int64)
+
+    # ------------------------------------------------------------------------------------ inference
+    def run(self, seq: Mapping[str, np.ndarray], coupon_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Raw model outputs for a featurized batch: profile [B, D], p_redeem/p_buy [B, C], p_buy_control [B]."""
+        vectors = self._catalog_state[2]
+        feeds = {name: seq[name] for name in SEQUENCE_INPUTS}
+        feeds["coupon_vectors"] = vectors if coupon_index is None else vectors[coupon_index]
+        return dict(zip(OUTPUTS, self._session.run(None, feeds)))
+
+    def profile(self, events: Iterable[Mapping[str, Any]], now: float | None = None) -> np.ndarray:
+        """The user profile vector [D] (the encoder's output)."""
+        seq = collate([featurize_one(events, self.spec, now)])
+        return self.run(seq, np.arange(1))["profile"][0]
+
+    def score(self, events: Iterable[Mapping[str, Any]], candidates: Sequence[str] | None = None,
+              k: int | None = None, now: float | None = None, objective: str = "uplift") -> list[dict[str, Any]]:
+        """Coupons ranked by ``objective`` (best first), each with p_redeem, p_buy, p_buy_control, uplift."""
+        return self.score_many([{"events": events, "candidates": candidates, "now": now}], k=k, objective=objective)[0]
+
+    def score_many(self, requests: Sequence[Mapping[str, Any]], k: int | None = None, objective: str = "uplift",
+                   batch_size: int = 256) -> list[list[dict[str, Any]]]:
+        """Batch API: ``requests`` are ``{events, candidates?, now?}``; one ranked list per request."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        if k is not None and k < 1:
+            raise ValueError("k must be >= 1")
+        wanted = [self.candidate_index(r.get("candidates")) for r in requests]
+        union = np.unique(np.concatenate(wanted)) if requests else np.arange(0)
+        position = {int(c): i for i, c in enumerate(union)}
+        coupons = self._catalog_state[0]
+        results: list[list[dict[str, Any]]] = []
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start:start + batch_size]
+            seq = collate([featurize_one(r.get("events") or [], self.spec, r.get("now")) for r in chunk])
+            out = self.run(seq, union)
+            for row, request_index in enumerate(range(start, start + len(chunk))):
+                cols = np.fromiter((position[int(c)] for c in wanted[request_index]), dtype=np.int64)
+                results.append(self._rank(out, row, cols, union, coupons, k, objective))
+        return results
+
+    @staticmethod
+    def _rank(out: Mapping[str, np.ndarray], row: int, cols: np.ndarray, union: np.ndarray,
+              coupons: list[dict[str, Any]], k: int | None, objective: str) -> list[dict[str, Any]]:
+        p_redeem = out["p_redeem"][row, cols]
+        p_buy = out["p_buy"][row, cols]
+        control = float(out["p_buy_control"][row])
+        uplift = p_buy - control
+        score = {"uplift": uplift, "p_redeem": p_redeem, "p_buy": p_buy}[objective]
+        order = np.argsort(-score, kind="stable")[:k]
+        return [{"coupon_id": coupons[union[cols[j]]]["coupon_id"], "score": float(score[j]),
+                 "p_redeem": float(p_redeem[j]), "p_buy": float(p_buy[j]), "p_buy_control": control,
+                 "uplift": float(uplift[j])} for j in order]
