@@ -30,6 +30,7 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 from runtime.features import COUPON_INPUTS, SEQUENCE_INPUTS, FeatureSpec, coupon_features, featurize_batch
 from runtime.scorer import MANIFEST, MODEL_FORMAT, OUTPUTS, session_options
@@ -38,6 +39,7 @@ from training.model import CouponModel, CouponTowerExport, ServingModel
 log = logging.getLogger(__name__)
 
 OPSET = 18
+QUANTIZATION_METHODS = ("weight_only", "dynamic")
 
 
 class ExportCheckError(RuntimeError):
@@ -49,8 +51,13 @@ class ExportConfig:
     fp32_tolerance: float = 1e-4  # max |torch - onnxruntime fp32| over every output
     max_auc_drop: float = 0.003  # max AUC(fp32) - AUC(int8), per head, on held-out users
     min_top1_agreement: float = 0.97  # share of held-out users whose top coupon by uplift is the same
+    # "weight_only": int8 weights, fp32 activations (MatMulNBits + int8 embedding tables): a user's
+    # scores do not depend on who else is in the batch, and accuracy stays near fp32.
+    # "dynamic": onnxruntime's quantize_dynamic, int8 activations with per-batch scales (batch-dependent).
+    method: str = "weight_only"
+    block_size: int = 32  # weight_only: weights per int8 scale along the reduction axis (power of 2, >= 16)
     per_channel: bool = True  # per-output-channel weight scales: better accuracy at the same size
-    quantize_ops: tuple[str, ...] = ("MatMul", "Gemm", "Gather")  # Gather: the embedding tables dominate size
+    quantize_ops: tuple[str, ...] = ("MatMul", "Gemm", "Gather")  # dynamic: ops to quantize (Gather: the tables)
     keep_heads_fp32: bool = True  # leave the user x coupon heads (everything after `profile`) in fp32
     max_eval_users: int = 4000  # held-out users for the fp32 vs int8 comparison
 
@@ -103,6 +110,28 @@ def head_nodes(model_path: Path, source: str = "profile") -> list[str]:
             names.append(node.name)
             reached.update(node.output)
     return names
+
+
+def quantize(src: Path, dst: Path, config: ExportConfig, excluded: list[str]) -> None:
+    """fp32 ONNX -> int8 ONNX by ``config.method`` (see ExportConfig), leaving ``excluded`` nodes fp32."""
+    if config.method not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization method must be one of {list(QUANTIZATION_METHODS)}, got {config.method!r}")
+    log.info("quantizing to int8 (%s, %d head nodes kept fp32)", config.method, len(excluded))
+    with _quiet_root_logger():  # the quantizers log a line per tensor at INFO on the root logger
+        if config.method == "dynamic":
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=config.per_channel,
+                             op_types_to_quantize=list(config.quantize_ops), nodes_to_exclude=excluded)
+            return
+        # MatMul weights -> MatMulNBits (8 bit, symmetric, block-wise scales; activations stay fp32)
+        matmul = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=config.block_size, is_symmetric=True,
+                                      nodes_to_exclude=excluded, op_types_to_quantize=("MatMul",))
+        matmul.process()
+        staged = dst.with_name(dst.stem + ".matmul.onnx")
+        matmul.model.save_model_to_file(str(staged), use_external_data_format=False)
+        # embedding tables -> int8 + DequantizeLinear after the lookup: still weight-only
+        quantize_dynamic(str(staged), str(dst), weight_type=QuantType.QInt8, per_channel=config.per_channel,
+                         op_types_to_quantize=["Gather"], nodes_to_exclude=excluded)
+        staged.unlink()
 
 
 @contextlib.contextmanager
@@ -207,12 +236,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
         if parity["fp32_max_abs_diff"] > config.fp32_tolerance:
             raise ExportCheckError(f"fp32 parity {parity['fp32_max_abs_diff']:.2e} exceeds {config.fp32_tolerance:.0e}")
 
-        log.info("quantizing to int8 (dynamic, per_channel=%s, ops=%s)", config.per_channel, config.quantize_ops)
         excluded = head_nodes(work / "model_fp32.onnx") if config.keep_heads_fp32 else []
-        with _quiet_root_logger():  # quantize_dynamic logs a line per tensor at INFO on the root logger
-            quantize_dynamic(str(work / "model_fp32.onnx"), str(work / "model.onnx"), weight_type=QuantType.QInt8,
-                             per_channel=config.per_channel, op_types_to_quantize=list(config.quantize_ops),
-                             nodes_to_exclude=excluded)
+        quantize(work / "model_fp32.onnx", work / "model.onnx", config, excluded)
         onnx.checker.check_model(onnx.load(str(work / "model.onnx")), full_check=True)
         int8 = ort.InferenceSession(str(work / "model.onnx"), opts, providers=["CPUExecutionProvider"])
 
@@ -249,8 +274,12 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
             "feature_spec": spec.to_dict(),
             "model_config": ckpt["model_config"],
             "opset": OPSET,
-            "quantization": {"method": "onnxruntime.quantize_dynamic", "weight_type": "int8",
-                             "per_channel": config.per_channel, "op_types": list(config.quantize_ops),
+            "quantization": {"method": config.method, "weight_type": "int8",
+                             "activations": "fp32" if config.method == "weight_only" else "int8 (dynamic)",
+                             "block_size": config.block_size if config.method == "weight_only" else None,
+                             "per_channel": config.per_channel,
+                             "op_types": (["MatMul", "Gather"] if config.method == "weight_only"
+                                          else list(config.quantize_ops)),
                              "fp32_nodes": len(excluded),
                              "size_ratio": files["model.onnx"]["bytes"] / files["model_fp32.onnx"]["bytes"]},
             "parity": {**parity, "int8_vs_fp32": quant},

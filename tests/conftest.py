@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 TINY_SIM = dict(n_users=1500, n_categories=30, n_items=400, n_coupons=8, seed=7)
-TINY_TRAIN = dict(max_len=20, n_item_buckets=512, pretrain_epochs=1, finetune_epochs=2, batch_size=128,
+TINY_TRAIN = dict(max_len=20, n_item_buckets=2048, pretrain_epochs=1, finetune_epochs=2, batch_size=128,
                   model=dict(n_layers=1, n_heads=2, width=32, head_hidden=32, dropout=0.0))
 
 

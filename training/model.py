@@ -133,6 +133,9 @@ class UserEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, bias)
         kinds = torch.arange(self.counts.in_features, device=event_ids.device)  # [K]
+        # PAD is not a kind: counting it would make a user's score depend on how much left padding
+        # the batch gave them (i.e. on who else is in the batch)
+        kinds = torch.where(kinds == PAD, -1, kinds)
         counts = (event_ids[:, :, None] == kinds).sum(dim=1).to(x.dtype)  # [B, K]
         user_extra = self.counts(torch.log1p(counts))[:, None, :]  # [B, 1, D]
         is_user = (idx == t - 1).to(x.dtype)[None, :, None]  # [1, T, 1]: only the USER position gets it

@@ -108,7 +108,7 @@ def pretrain(model: CouponModel, data: PretrainArrays, config: TrainConfig, rng:
                 opt.step()
                 sched.step()
                 losses.append(loss.item())
-                bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
                 bar.update()
     return losses
 
@@ -159,7 +159,7 @@ def finetune(model: CouponModel, data: IssuanceArrays, val: IssuanceArrays, coup
                 opt.step()
                 sched.step()
                 losses.append(loss.item())
-                bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.3f}")
+                bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
                 bar.update()
             model.eval()
             with torch.no_grad():
