@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
+from collections import abc
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
@@ -33,6 +34,7 @@ CATEGORY_ALL = 2
 CATEGORY_OFFSET = 3
 COUPON_KINDS = ("amount_off", "percent_off", "free_shipping")
 
+ITEM_CACHE_SIZE = 200_000  # item id -> bucket memo entries per FeatureSpec
 N_SEQ_NUMERIC = 2  # log price, log age in hours
 N_COUPON_NUMERIC = 4  # log amount, percent fraction, log min_spend, all-categories flag
 
@@ -79,6 +81,7 @@ class FeatureSpec:
         self._category_index = {c: i + CATEGORY_OFFSET for i, c in enumerate(self.categories)}
         self._recency_edges = np.asarray(self.recency_edges, dtype=np.float64)
         self._price_edges = np.asarray(self.price_edges, dtype=np.float64)
+        self._item_cache: dict[Any, int] = {}
 
     # vocabulary sizes the model needs for its embedding tables
     @property
@@ -117,7 +120,15 @@ class FeatureSpec:
 
     def item_bucket(self, item_id: Any) -> int:
         # crc32 is stable across processes and platforms (Python's hash() is salted per process).
-        return 1 + zlib.crc32(str(item_id).encode("utf-8")) % (self.n_item_buckets - 1)
+        key = item_id if type(item_id) is str else str(item_id)  # 1, 1.0 and True must not share a slot
+        cache = self._item_cache
+        bucket = cache.get(key)
+        if bucket is None:
+            bucket = 1 + zlib.crc32(key.encode("utf-8")) % (self.n_item_buckets - 1)
+            if len(cache) >= ITEM_CACHE_SIZE:  # bounded: a long-running server sees unboundedly many items
+                cache.clear()
+            cache[key] = bucket
+        return bucket
 
 
 _EVENT_ID = {kind: i + 2 for i, kind in enumerate(EVENT_KINDS)}
@@ -164,31 +175,52 @@ def parse_price(value: Any, index: int | None = None) -> float | None:
     return price
 
 
+_FAST_NUMBERS = (int, float)  # exact types take the fast path; bool (an int subclass) is not among them
+
+
 def _clean_events(events: Iterable[Mapping[str, Any]], now: float | None) -> list[tuple]:
-    """Validate events; return (ts, event_id, category, item_id, price) sorted by time."""
+    """Validate events; return (ts, event_id, category, item_id, price) sorted by time.
+
+    This runs on every request, so the common shapes (a dict, numeric ts and price, string ids) are
+    checked by exact type first; anything else goes through the general, slower validation.
+    """
     rows = []
+    event_ids = _EVENT_ID
     for i, event in enumerate(events):
-        if not isinstance(event, Mapping):
+        if type(event) is not dict and not isinstance(event, abc.Mapping):
             raise FeatureError("event", f"each event must be an object, got {type(event).__name__}", i)
         if "ts" not in event:
             raise FeatureError("ts", "missing", i)
-        ts = parse_ts(event["ts"], "ts", i)
+        ts = event["ts"]
+        if type(ts) in _FAST_NUMBERS and 0 <= ts < math.inf:
+            ts = float(ts)
+        else:
+            ts = parse_ts(ts, "ts", i)
         kind = event.get("event")
-        event_id = _EVENT_ID.get(kind) if isinstance(kind, str) else None
+        event_id = event_ids.get(kind) if type(kind) is str else None
         if event_id is None:
             raise FeatureError("event", f"unknown event kind {kind!r}; expected one of {list(EVENT_KINDS)}", i)
         item_id = event.get("item_id")
-        if item_id is None or (isinstance(item_id, str) and not item_id.strip()) or isinstance(item_id, (dict, list)):
+        if type(item_id) is str:
+            if not item_id.strip():
+                raise FeatureError("item_id", "missing or not a scalar", i)
+        elif item_id is None or isinstance(item_id, (dict, list)):
             raise FeatureError("item_id", "missing or not a scalar", i)
         category = event.get("category")
-        if category is None or isinstance(category, (dict, list)):
+        if type(category) is not str and (category is None or isinstance(category, (dict, list))):
             raise FeatureError("category", "missing or not a scalar", i)
-        price = parse_price(event.get("price"), i)
+        price = event.get("price")
+        if not (type(price) in _FAST_NUMBERS and 0 <= price < math.inf):
+            price = parse_price(price, i)
         if now is not None and ts > now:
             continue  # the history "as of now": later events cannot inform a decision made now
         rows.append((ts, event_id, category, item_id, price))
-    rows.sort(key=lambda r: r[0])  # stable: same-second events keep their given order
+    rows.sort(key=_by_time)  # stable: same-second events keep their given order
     return rows
+
+
+def _by_time(row: tuple) -> float:
+    return row[0]
 
 
 def featurize_one(events: Iterable[Mapping[str, Any]], spec: FeatureSpec, now: float | None = None) -> dict[str, np.ndarray]:
@@ -219,9 +251,10 @@ def featurize_one(events: Iterable[Mapping[str, Any]], spec: FeatureSpec, now: f
         item_ids[:n] = [spec.item_bucket(r[3]) for r in rows]
         recency_ids[:n] = 1 + np.searchsorted(spec._recency_edges, age, side="right")
         known = ~np.isnan(prices)
+        prices = np.where(known, prices, 0.0)
         # price id 1 is "unknown"; known prices take 2..
-        price_ids[:n] = np.where(known, 2 + np.searchsorted(spec._price_edges, np.nan_to_num(prices), side="right"), 1)
-        numeric[:n, 0] = np.where(known, np.log1p(np.nan_to_num(prices)) / 5.0, 0.0)
+        price_ids[:n] = np.where(known, 2 + np.searchsorted(spec._price_edges, prices, side="right"), 1)
+        numeric[:n, 0] = np.where(known, np.log1p(prices) / 5.0, 0.0)
         numeric[:n, 1] = np.log1p(age / 3600.0) / 5.0
     return {
         "event_ids": event_ids,

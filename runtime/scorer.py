@@ -1,5 +1,8 @@
 """The edge scorer: a model directory + a coupon catalog -> ranked coupons per user. numpy + onnxruntime.
 
+``objective="profit"`` applies a budget policy file (``runtime.allocation``, written offline by
+``python -m training.policy_eval``): see :meth:`Scorer.set_policy`.
+
 onnxruntime session options are set for small shared CPUs (see ``session_options``): an explicit
 intra-op thread count (1 by default: one request is ~0.1 ms of work, far too little to split across
 threads, and a web server runs one process per core), no inter-op parallelism, and thread spinning
@@ -17,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from runtime.allocation import Policy, estimate_order_value, incremental_value, load_policy, net_scores
 from runtime.features import SEQUENCE_INPUTS, FeatureSpec, collate, coupon_features, coupon_number, featurize_one
 
 log = logging.getLogger(__name__)
@@ -24,12 +28,18 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MODEL_FORMAT = "edgecoupon-model/1"
 OUTPUTS = ("profile", "p_redeem", "p_buy", "p_buy_control")
-OBJECTIVES = ("uplift", "p_redeem", "p_buy")
+OBJECTIVES = ("uplift", "p_redeem", "p_buy")  # ranking objectives (no policy needed)
+POLICY_OBJECTIVES = ("profit",)  # needs a policy file: Scorer(..., policy=...) or Scorer.set_policy()
+ALL_OBJECTIVES = OBJECTIVES + POLICY_OBJECTIVES
 CATALOG_FIELDS = ("coupon_id", "kind", "value", "min_spend", "category", "cost")
 
 
 class ModelIntegrityError(RuntimeError):
     """The model directory is incomplete, of an unknown format, or a file does not match its checksum."""
+
+
+class NoPolicyError(ValueError):
+    """``objective="profit"`` was asked of a scorer that has no policy loaded."""
 
 
 class UnknownCouponError(ValueError):
@@ -114,11 +124,13 @@ class Scorer:
     """Scores users x coupons with the exported model.
 
     ``precision`` picks ``model.onnx`` (int8, the default) or ``model_fp32.onnx``. Coupon vectors for
-    the catalog are computed once here, not per request.
+    the catalog are computed once here, not per request. ``policy`` (a policy file, its parsed JSON or a
+    ``runtime.allocation.Policy``) enables ``objective="profit"``; see :meth:`set_policy`.
     """
 
     def __init__(self, model_dir: str | Path, catalog: str | Path | Iterable[Mapping[str, Any]], *,
-                 threads: int = 1, precision: str = "int8", verify: bool = True):
+                 threads: int = 1, precision: str = "int8", verify: bool = True,
+                 policy: str | Path | Mapping[str, Any] | Policy | None = None):
         if precision not in ("int8", "fp32"):
             raise ValueError(f"precision must be 'int8' or 'fp32', got {precision!r}")
         self.model_dir = Path(model_dir)
@@ -134,6 +146,9 @@ class Scorer:
         self._session = ort.InferenceSession(str(self.model_dir / scorer_file), opts, providers=providers)
         self._tower = ort.InferenceSession(str(self.model_dir / tower_file), opts, providers=providers)
         self.set_catalog(catalog)
+        self._policy: Policy | None = None
+        if policy is not None:
+            self.set_policy(policy)
 
     # ------------------------------------------------------------------------------------ catalog
     def set_catalog(self, catalog: str | Path | Iterable[Mapping[str, Any]]) -> None:
@@ -161,12 +176,44 @@ class Scorer:
             raise UnknownCouponError(missing)
         return np.fromiter((index[c] for c in dict.fromkeys(candidates)), dtype=np.int64)
 
+    # ------------------------------------------------------------------------------------- policy
+    def set_policy(self, policy: str | Path | Mapping[str, Any] | Policy | None) -> Policy | None:
+        """Load (or replace, or with None remove) the budget policy that ``objective="profit"`` applies.
+
+        Raises ``runtime.allocation.PolicyError`` for an invalid file; the policy in force is then
+        unchanged. The swap is one assignment, so a concurrent request sees the old or the new policy,
+        never a mix. A policy solved for another model version is loaded with a warning: its
+        multipliers assume that model's calibration (re-run ``training.policy_eval`` after a new model).
+        """
+        if policy is None:
+            self._policy = None
+            return None
+        loaded = policy if isinstance(policy, Policy) else load_policy(policy)
+        if loaded.model_version and loaded.model_version != self.model_version:
+            log.warning("policy %s was solved for model %s, this scorer serves %s", loaded.version,
+                        loaded.model_version, self.model_version)
+        unknown = sorted(set(loaded.coupon_multipliers) - set(self.coupon_ids))
+        if unknown:
+            log.warning("policy %s has multipliers for coupons not in the catalog: %s", loaded.version, unknown[:10])
+        self._policy = loaded
+        log.info("policy %s loaded: objective %s, lambda %.6g, %d coupon multipliers, %d disabled", loaded.version,
+                 loaded.objective, loaded.lam, len(loaded.coupon_multipliers), len(loaded.disabled))
+        return loaded
+
+    @property
+    def policy(self) -> Policy | None:
+        """The budget policy in force (None: ``objective="profit"`` is refused)."""
+        return self._policy
+
     # ------------------------------------------------------------------------------------ inference
     def run(self, seq: Mapping[str, np.ndarray], coupon_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Raw model outputs for a featurized batch: profile [B, D], p_redeem/p_buy [B, C], p_buy_control [B]."""
         vectors = self._catalog_state[2]
+        return self._infer(seq, vectors if coupon_index is None else vectors[coupon_index])
+
+    def _infer(self, seq: Mapping[str, np.ndarray], coupon_vectors: np.ndarray) -> dict[str, np.ndarray]:
         feeds = {name: seq[name] for name in SEQUENCE_INPUTS}
-        feeds["coupon_vectors"] = vectors if coupon_index is None else vectors[coupon_index]
+        feeds["coupon_vectors"] = coupon_vectors
         return dict(zip(OUTPUTS, self._session.run(None, feeds)))
 
     def profile(self, events: Iterable[Mapping[str, Any]], now: float | None = None) -> np.ndarray:
@@ -176,29 +223,75 @@ class Scorer:
 
     def score(self, events: Iterable[Mapping[str, Any]], candidates: Sequence[str] | None = None,
               k: int | None = None, now: float | None = None, objective: str = "uplift") -> list[dict[str, Any]]:
-        """Coupons ranked by ``objective`` (best first), each with p_redeem, p_buy, p_buy_control, uplift."""
+        """Coupons ranked by ``objective`` (best first), each with p_redeem, p_buy, p_buy_control, uplift.
+
+        ``objective="profit"`` (needs a policy) lists only the coupons worth giving, best first: the first
+        one is the decision, and an **empty list means "no coupon"** (none is worth its cost at the
+        policy's multiplier). Each entry's ``score`` is the policy's net score ``value - lambda x
+        expected_spend - multiplier[coupon]``; it also carries ``expected_value`` (incremental profit,
+        or purchases for a purchases policy), ``expected_spend`` (p_redeem x cost) and ``order_value``.
+        """
         return self.score_many([{"events": events, "candidates": candidates, "now": now}], k=k, objective=objective)[0]
 
     def score_many(self, requests: Sequence[Mapping[str, Any]], k: int | None = None, objective: str = "uplift",
                    batch_size: int = 256) -> list[list[dict[str, Any]]]:
-        """Batch API: ``requests`` are ``{events, candidates?, now?}``; one ranked list per request."""
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+        """Batch API: ``requests`` are ``{events, candidates?, now?}``; one ranked list per request.
+
+        ``objective="profit"`` applies the policy to each request as :meth:`score` describes (an empty
+        list for a request means "no coupon"); it raises :class:`NoPolicyError` when none is loaded.
+        """
+        policy = self._policy
+        if objective in POLICY_OBJECTIVES:
+            if policy is None:
+                raise NoPolicyError(f"objective {objective!r} needs a budget policy: Scorer(..., policy=path) "
+                                    "or Scorer.set_policy(path)")
+        elif objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {list(ALL_OBJECTIVES)}, got {objective!r}")
         if k is not None and k < 1:
             raise ValueError("k must be >= 1")
-        wanted = [self.candidate_index(r.get("candidates")) for r in requests]
-        union = np.unique(np.concatenate(wanted)) if requests else np.arange(0)
-        position = {int(c): i for i, c in enumerate(union)}
-        coupons = self._catalog_state[0]
+        coupons, _, vectors = self._catalog_state  # one snapshot: a concurrent set_catalog cannot mix in
+        whole_catalog = all(r.get("candidates") is None for r in requests)
+        if whole_catalog:  # the common case: no candidate bookkeeping, no copy of the coupon vectors
+            wanted, union, position = None, np.arange(len(coupons)), None
+        else:
+            wanted = [self.candidate_index(r.get("candidates")) for r in requests]
+            union = np.unique(np.concatenate(wanted)) if requests else np.arange(0)
+            position = {int(c): i for i, c in enumerate(union)}
         results: list[list[dict[str, Any]]] = []
         for start in range(0, len(requests), batch_size):
             chunk = requests[start:start + batch_size]
             seq = collate([featurize_one(r.get("events") or [], self.spec, r.get("now")) for r in chunk])
-            out = self.run(seq, union)
+            out = self._infer(seq, vectors if whole_catalog else vectors[union])
             for row, request_index in enumerate(range(start, start + len(chunk))):
-                cols = np.fromiter((position[int(c)] for c in wanted[request_index]), dtype=np.int64)
-                results.append(self._rank(out, row, cols, union, coupons, k, objective))
+                if wanted is None:
+                    cols = union
+                else:
+                    cols = np.fromiter((position[int(c)] for c in wanted[request_index]), dtype=np.int64)
+                if objective in POLICY_OBJECTIVES:
+                    results.append(self._rank_policy(out, row, cols, union, coupons, k, policy, requests[request_index]))
+                else:
+                    results.append(self._rank(out, row, cols, union, coupons, k, objective))
         return results
+
+    @staticmethod
+    def _rank_policy(out: Mapping[str, np.ndarray], row: int, cols: np.ndarray, union: np.ndarray,
+                     coupons: list[dict[str, Any]], k: int | None, policy: Policy,
+                     request: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The coupons worth giving by the policy, best net score first (empty: no coupon)."""
+        p_redeem = out["p_redeem"][row, cols].astype(np.float64)
+        p_buy = out["p_buy"][row, cols].astype(np.float64)
+        control = float(out["p_buy_control"][row])
+        chosen = [coupons[union[c]] for c in cols]
+        cost = np.array([c["cost"] for c in chosen], dtype=np.float64)
+        ids = [c["coupon_id"] for c in chosen]
+        order_value = estimate_order_value(request.get("events") or [], policy, now=request.get("now"))
+        value = incremental_value(p_redeem, p_buy, control, cost, order_value, policy.objective, policy.margin)
+        net = net_scores(p_redeem, p_buy, control, cost, order_value, policy, ids)
+        worth = np.flatnonzero(net > policy.min_value_threshold)
+        order = worth[np.argsort(-net[worth], kind="stable")][:k]
+        return [{"coupon_id": ids[j], "score": float(net[j]), "p_redeem": float(p_redeem[j]), "p_buy": float(p_buy[j]),
+                 "p_buy_control": control, "uplift": float(p_buy[j] - control), "expected_value": float(value[j]),
+                 "expected_spend": float(p_redeem[j] * cost[j]), "order_value": order_value} for j in order]
 
     @staticmethod
     def _rank(out: Mapping[str, np.ndarray], row: int, cols: np.ndarray, union: np.ndarray,
