@@ -40,7 +40,13 @@ def test_export_manifest_records_checks_and_checksums(tiny_pipeline):
     assert set(manifest["files"]) == {"model.onnx", "model_fp32.onnx", "coupon_tower.onnx"}
     assert set(manifest["parity"]["cases"]) == {"empty_history", "one_event", "full_length", "mixed_batch"}
     assert manifest["parity"]["fp32_max_abs_diff"] < 1e-4
-    assert manifest["quantization"]["size_ratio"] < 0.5
+    # weight-only int8: the encoder's MatMuls become 8-bit MatMulNBits and the tables int8; the tiny
+    # model's fp32 heads are a large share of it, so its ratio is higher than the demo model's 0.3
+    assert manifest["quantization"]["method"] == "weight_only"
+    assert manifest["quantization"]["size_ratio"] < 0.7
+    import onnx
+    ops = {n.op_type for n in onnx.load(str(tiny_pipeline.model_dir / "model.onnx")).graph.node}
+    assert {"MatMulNBits", "DequantizeLinear"} <= ops
     assert [i["name"] for i in manifest["scorer"]["inputs"]][-1] == "coupon_vectors"
     assert 0.0 <= manifest["parity"]["int8_vs_fp32"]["top1_agreement"] <= 1.0
 

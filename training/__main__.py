@@ -1,4 +1,7 @@
-"""Training CLI: ``python -m training [--config FILE] [--data DIR] [--out DIR] [key=value ...]``.
+"""Training CLI: ``python -m training [--config FILE] [--data DIR] [--out DIR] [--resume STATE] [key=value ...]``.
+
+The same command runs data-parallel under ``torchrun --nproc_per_node N -m training ...`` (see
+``training.distributed``).
 
 Trains on the data folder (simulating the embedded default data set first when asked to), evaluates
 on held-out users, and writes ``checkpoint.pt``, ``config.json``, ``metrics.json`` and
@@ -20,6 +23,7 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, help="JSON file with TrainConfig fields")
     parser.add_argument("--data", help="data folder (events.csv, coupons.csv, issuance.csv)")
     parser.add_argument("--out", help="output folder for the checkpoint and reports")
+    parser.add_argument("--resume", help="continue from a train_state.pt (same as the config key resume=PATH)")
     parser.add_argument("--simulate", action="store_true",
                         help="first write the simulator's default data set into the data folder if it is missing")
     parser.add_argument("overrides", nargs="*", help="config overrides such as pretrain_epochs=2 model.width=32")
@@ -39,11 +43,16 @@ def main(argv=None) -> int:
         config.data_dir = args.data
     if args.out:
         config.out_dir = args.out
+    if args.resume:
+        config.resume = args.resume
     from training import data as data_io
+    from training.distributed import init_world
     from training.train import run
-    if args.simulate and not (Path(config.data_dir) / "events.csv").exists():
+    world = init_world()  # under torchrun: join the process group (a no-op for a single process)
+    if args.simulate and world.is_main and not (Path(config.data_dir) / "events.csv").exists():
         from training.simulate import SimConfig, simulate
         simulate(SimConfig(), config.data_dir)
+    world.barrier()  # the other ranks read what rank 0 simulated
     try:
         run(config)
     except data_io.DataError as exc:

@@ -20,6 +20,7 @@ class ModelShape:
     width: int = 64  # profile vector size
     head_hidden: int = 64  # user x coupon interaction width
     dropout: float = 0.1  # encoder dropout while training
+    head_dropout: float = 0.2  # coupon-vector and head dropout while fine-tuning
 
 
 @dataclass
@@ -39,11 +40,20 @@ class TrainConfig:
     batch_size: int = 256  # users per step
     lr: float = 3e-3  # AdamW learning rate (pre-training)
     finetune_lr: float = 2e-3  # AdamW learning rate of the heads and coupon tower (fine-tuning)
-    encoder_lr_scale: float = 0.2  # the pre-trained encoder moves slower while fine-tuning
+    # encoder learning rate while fine-tuning, as a share of finetune_lr. 0 freezes the pre-trained
+    # encoder: on the default data (14k labelled rows) fine-tuning it overfits within 3 epochs and
+    # forgets next-item structure (validation loss 0.633 at 0.2 vs 0.612 frozen; HR@10 0.19 vs 0.34)
+    encoder_lr_scale: float = 0.0
     weight_decay: float = 0.01  # AdamW weight decay
     item_loss_positions: int = 2048  # positions per step scored against the full item table (memory bound)
     threads: int = 2  # torch intra-op threads
     event_map: dict[str, str] = field(default_factory=dict)  # raw event kind -> view|cart|purchase
+    # data order over user-hash shards (training.distributed): 0 = one shuffle of all rows (single
+    # process), or the number of ranks under torchrun. N > 0 gives the same model on any number of
+    # ranks that divides N (batch_size must be a multiple of N).
+    data_shards: int = 0
+    resume: str = ""  # train_state.pt to continue from (written to out_dir after every epoch)
+    stop_after_epochs: int = 0  # end this run after N epochs (pre-train + fine-tune), resumable; 0 = never
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "TrainConfig":

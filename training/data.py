@@ -23,7 +23,7 @@ import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -83,21 +83,49 @@ def format_reports(reports: list[CleaningReport]) -> str:
 
 # ------------------------------------------------------------------------------------------- reading
 
-def _read_strings(path: str | Path, required: tuple[str, ...]) -> tuple[pd.DataFrame, str]:
+UserFilter = Callable[[np.ndarray], np.ndarray]  # distinct (stripped) user ids -> bool mask of those to keep
+_CHUNK_ROWS = 1 << 20  # CSV rows read at a time when only some users' rows are kept
+
+
+def _read_strings(path: str | Path, required: tuple[str, ...], users: UserFilter | None = None
+                  ) -> tuple[pd.DataFrame, str]:
     """The file as a frame of (unstripped) strings, all columns kept so that duplicate detection sees
-    whole rows. Raises DataError naming a missing required column."""
+    whole rows. Raises DataError naming a missing required column.
+
+    With ``users``, only the rows of the users it accepts are kept (a CSV is streamed in chunks, so
+    memory holds only those rows); the index still counts rows of the whole file (line numbers).
+    """
     path = Path(path)
     source = path.name
     if path.suffix.lower() == ".parquet":
-        raw = _parquet_as_strings(path)
-    else:
+        raw = _select_users(_parquet_as_strings(path), users)
+    elif users is None:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skipinitialspace=False)
+    else:
+        chunks = [_select_users(chunk, users) for chunk in
+                  pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, skipinitialspace=False,
+                              chunksize=_CHUNK_ROWS)]
+        raw = pd.concat(chunks) if chunks else pd.read_csv(path, dtype=str, nrows=0)
     raw.columns = [str(c).strip() for c in raw.columns]
     missing = [c for c in required if c not in raw.columns]
     if missing:
         raise DataError(f"{source}: missing required column(s) {missing}; found columns {list(raw.columns)}",
                         column=missing[0], source=source)
     return raw, source
+
+
+def _select_users(raw: pd.DataFrame, users: UserFilter | None) -> pd.DataFrame:
+    if users is None:
+        return raw
+    raw.columns = [str(c).strip() for c in raw.columns]
+    if "user_id" not in raw.columns:
+        return raw  # the missing column is reported by the caller
+    codes, uniques = pd.factorize(raw["user_id"], sort=False)
+    if not len(uniques):
+        return raw
+    ids = np.array([str(u).strip() for u in np.asarray(uniques, dtype=object).tolist()], dtype=object)
+    keep = np.asarray(users(ids), dtype=bool)
+    return raw.loc[keep[codes]]
 
 
 def _parquet_as_strings(path: Path) -> pd.DataFrame:
@@ -216,7 +244,7 @@ def _parse_numbers(values: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 # -------------------------------------------------------------------------------------------- events
 
 def load_events(path: str | Path, event_map: Mapping[str, str] | None = None,
-                on_unknown_event: str = "error") -> tuple[pd.DataFrame, CleaningReport]:
+                on_unknown_event: str = "error", users: UserFilter | None = None) -> tuple[pd.DataFrame, CleaningReport]:
     """Behaviour events -> (frame, report).
 
     Columns: user_id str, ts float64 (unix seconds), event str (view|cart|purchase), item_id str,
@@ -225,11 +253,14 @@ def load_events(path: str | Path, event_map: Mapping[str, str] | None = None,
     Event kinds are compared stripped and lower-cased. ``event_map`` (e.g. ``{"add_to_cart": "cart"}``)
     is applied first. Kinds still unknown raise DataError, or with ``on_unknown_event="drop"`` are
     dropped and counted as ``unknown_event``.
+
+    ``users`` (distinct user ids -> bool mask) keeps only those users' rows, before anything else: the
+    report then counts that part of the file (a training rank's shard, see ``training.distributed``).
     """
     if on_unknown_event not in ("error", "drop"):
         raise ValueError(f"on_unknown_event must be 'error' or 'drop', got {on_unknown_event!r}")
     norm_map = _normalize_event_map(event_map)
-    raw, source = _read_strings(path, EVENT_COLUMNS)
+    raw, source = _read_strings(path, EVENT_COLUMNS, users)
     rows_read = len(raw)
     raw, n_dup = _dedupe(raw)
     cols = _strip(raw, EVENT_COLUMNS)
@@ -365,15 +396,16 @@ def _coupon_number(text: str, name: str, fail, required: bool) -> float:
 
 # ------------------------------------------------------------------------------------------ issuance
 
-def load_issuance(path: str | Path, coupon_ids: set[str] | None = None) -> tuple[pd.DataFrame, CleaningReport]:
+def load_issuance(path: str | Path, coupon_ids: set[str] | None = None,
+                  users: UserFilter | None = None) -> tuple[pd.DataFrame, CleaningReport]:
     """Issuance log of randomized past campaigns -> (frame, report).
 
     Columns: user_id str, coupon_id str ('' = no-coupon control arm), issued_ts float64 (unix seconds),
     redeemed int8, purchased int8, order_value float64. redeemed/purchased accept 0/1, true/false,
     yes/no; an empty order_value means 0 when nothing was purchased. With ``coupon_ids``, rows naming
-    a coupon outside the catalog are dropped as ``unknown_coupon_id``.
+    a coupon outside the catalog are dropped as ``unknown_coupon_id``. ``users``: as in :func:`load_events`.
     """
-    raw, source = _read_strings(path, ISSUANCE_COLUMNS)
+    raw, source = _read_strings(path, ISSUANCE_COLUMNS, users)
     rows_read = len(raw)
     raw, n_dup = _dedupe(raw)
     cols = _strip(raw, ISSUANCE_COLUMNS)

@@ -16,7 +16,11 @@ IGNORE = -100  # target value that cross-entropy skips
 
 def build_category_vocab(events: pd.DataFrame, min_count: int = 1) -> list[str]:
     """Categories ordered by frequency (ties by name), so ids are stable for the same data."""
-    counts = Counter(events["category"].tolist())
+    return vocab_from_counts(Counter(events["category"].tolist()), min_count)
+
+
+def vocab_from_counts(counts: Mapping[str, int], min_count: int = 1) -> list[str]:
+    """:func:`build_category_vocab` from category counts (e.g. summed over training ranks)."""
     return sorted((c for c, n in counts.items() if n >= min_count), key=lambda c: (-counts[c], c))
 
 
@@ -49,6 +53,7 @@ class PretrainArrays:
     seq: SequenceArrays
     category_targets: np.ndarray  # [N, T] next event's category id, IGNORE where none
     item_targets: np.ndarray  # [N, T] next event's item bucket, IGNORE where none
+    user_ids: np.ndarray | None = None  # [N] the user of each row (users without events have no row)
 
 
 def pretrain_arrays(histories: Mapping[str, list[dict]], user_ids: Sequence[str], nows: Sequence[float],
@@ -59,7 +64,7 @@ def pretrain_arrays(histories: Mapping[str, list[dict]], user_ids: Sequence[str]
     held-out event, which is exactly how HR@10 / NDCG@10 are evaluated.
     """
     t = spec.max_len + 1
-    inputs, cat_targets, item_targets = [], [], []
+    inputs, cat_targets, item_targets, kept = [], [], [], []
     for user, now in zip(user_ids, nows):
         full = featurize_one(histories.get(user, []), spec, now)
         n = len(full["event_ids"]) - 1
@@ -67,13 +72,15 @@ def pretrain_arrays(histories: Mapping[str, list[dict]], user_ids: Sequence[str]
             continue
         keep = np.r_[0:n - 1, n]  # drop the last event, keep the USER token
         inputs.append({name: value[keep] for name, value in full.items()})
+        kept.append(user)
         cats = np.r_[full["category_ids"][1:n], full["category_ids"][n - 1]]
         items = np.r_[full["item_ids"][1:n], full["item_ids"][n - 1]]
         pad = t - len(cats)
         cat_targets.append(np.r_[np.full(pad, IGNORE), cats])
         item_targets.append(np.r_[np.full(pad, IGNORE), items])
     return PretrainArrays(SequenceArrays(collate(inputs, length=t)),
-                          np.stack(cat_targets).astype(np.int64), np.stack(item_targets).astype(np.int64))
+                          np.stack(cat_targets).astype(np.int64), np.stack(item_targets).astype(np.int64),
+                          np.array(kept, dtype=object))
 
 
 @dataclass

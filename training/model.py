@@ -4,8 +4,16 @@ Shapes: B users, T sequence positions (events then the USER token, see runtime.f
 C candidate coupons, D = config.width, H = config.head_hidden.
 
     user encoder  : sequence features [B, T]      -> profile u [B, D]   (read off the USER position)
-    coupon tower  : coupon features   [C]         -> coupon vector [C, H]
-    heads         : (u, coupon vectors)           -> p_redeem [B, C], p_buy [B, C], p_buy_control [B]
+    coupon tower  : coupon features   [C]         -> coupon vector [C, H + 5] (learned [H] | terms [5])
+    heads         : (u, sequence, coupon vectors) -> p_redeem [B, C], p_buy [B, C], p_buy_control [B]
+
+Besides the learned profile, the heads get a few explicit "wide" features computed in the graph
+from the same inputs (so serving needs nothing extra): per user, log event counts, typical price
+paid and recency (:func:`user_aggregates`); per user x coupon, the share of the user's (recent,
+intent) events in the coupon's category and the coupon's terms relative to the user's typical price
+(:func:`cross_features`). With tens of thousands of labelled rows a Transformer does not rediscover
+"does this coupon's category fit this user" on its own; a two-line feature does, and the encoder
+then adds what aggregates cannot see (drift, order, items).
 
 ``p_buy = sigmoid(control_logit + delta)`` where ``delta`` is the coupon's effect on the logit, so the
 uplift ``p_buy - p_buy_control`` is modelled directly rather than as the difference of two unrelated
@@ -22,7 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime.features import N_COUPON_NUMERIC, N_SEQ_NUMERIC, PAD, FeatureSpec
+from runtime.features import CATEGORY_ALL, EVENT_KINDS, N_COUPON_NUMERIC, N_SEQ_NUMERIC, PAD, FeatureSpec
+
+# event ids of the featurizer (runtime.features): PAD 0, USER 1, then EVENT_KINDS in order
+VIEW, CART, PURCHASE = (EVENT_KINDS.index(k) + 2 for k in ("view", "cart", "purchase"))
+N_USER_AGGREGATES = 8
+N_CROSS = 5
+COUPON_TERMS = N_COUPON_NUMERIC + 1  # the coupon's numeric terms and its category id, appended to its vector
+RECENT_DECAY = 8.0  # events: the "recent" category share weighs the k-th last event by exp(-k / RECENT_DECAY)
 
 
 @dataclass
@@ -32,6 +47,7 @@ class ModelConfig:
     width: int = 64  # model width D (profile vector size)
     head_hidden: int = 64  # hidden size H of the user x coupon interaction
     dropout: float = 0.1  # dropout inside the encoder during training
+    head_dropout: float = 0.2  # dropout on the learned coupon vectors and head activations while fine-tuning
     max_len: int = 50  # most recent events kept (must equal the FeatureSpec's)
     n_event_ids: int = 5  # vocabulary sizes, filled from the FeatureSpec
     n_category_ids: int = 303
@@ -142,8 +158,64 @@ class UserEncoder(nn.Module):
         return self.ln_f(x + is_user * user_extra)
 
 
+def user_aggregates(event_ids: torch.Tensor, seq_numeric: torch.Tensor) -> torch.Tensor:
+    """What a data team would hand-craft from the window, ``[B, N_USER_AGGREGATES]``.
+
+    log counts of views/carts/purchases, typical log price of carted/bought items (of all events if
+    none), mean log price, age of the latest event, purchase/cart ratio, empty-history flag.
+    """
+    real = (event_ids > 1).to(seq_numeric.dtype)  # [B, T] real events (not PAD, not USER)
+    intent = ((event_ids == CART) | (event_ids == PURCHASE)).to(seq_numeric.dtype)  # [B, T]
+    n = real.sum(dim=1)  # [B]
+    views = (event_ids == VIEW).to(seq_numeric.dtype).sum(dim=1)
+    carts = (event_ids == CART).to(seq_numeric.dtype).sum(dim=1)
+    buys = (event_ids == PURCHASE).to(seq_numeric.dtype).sum(dim=1)
+    log_price = seq_numeric[..., 0]  # [B, T] log1p(price) / 5, 0 when unknown
+    mean_price = (log_price * real).sum(dim=1) / n.clamp(min=1.0)
+    intent_price = torch.where(intent.sum(dim=1) > 0,
+                               (log_price * intent).sum(dim=1) / intent.sum(dim=1).clamp(min=1.0), mean_price)
+    # the last real event sits just before the USER token (left padding); a zero column in front keeps
+    # index -2 valid for an empty history (T = 1) without a shape-dependent branch in the exported graph
+    ages = torch.cat([torch.zeros_like(seq_numeric[:, :1, 1]), seq_numeric[..., 1]], dim=1)  # [B, T + 1]
+    last_age = torch.where(n > 0, ages[:, -2], torch.full_like(n, 2.0))
+    return torch.stack([torch.log1p(views), torch.log1p(carts), torch.log1p(buys), intent_price, mean_price,
+                        last_age, buys / carts.clamp(min=1.0), (n == 0).to(n.dtype)], dim=1)  # [B, A]
+
+
+def cross_features(event_ids: torch.Tensor, category_ids: torch.Tensor, user: torch.Tensor,
+                   coupon_terms: torch.Tensor) -> torch.Tensor:
+    """User x coupon features ``[B, C, N_CROSS]``.
+
+    ``coupon_terms [C, COUPON_TERMS]`` = (log amount, percent fraction, log min_spend, all-categories
+    flag, category id); ``user`` = :func:`user_aggregates`. Category shares are 1 for all-category
+    coupons. Prices are on the featurizer's log1p(x) / 5 scale, so differences are log ratios.
+    """
+    real = (event_ids > 1).to(user.dtype)  # [B, T]
+    intent = ((event_ids == CART) | (event_ids == PURCHASE)).to(user.dtype)
+    t = event_ids.shape[1]
+    back = torch.arange(t - 1, -1, -1, device=event_ids.device).to(user.dtype)  # [T] 0 at the USER token
+    recent = real * torch.exp(-back / RECENT_DECAY)[None, :]  # [B, T]
+    coupon_category = coupon_terms[:, -1].round().to(category_ids.dtype)  # [C]
+    same = (category_ids[:, :, None] == coupon_category[None, None, :]).to(user.dtype)  # [B, T, C]
+    is_all = (coupon_category == CATEGORY_ALL).to(user.dtype)[None, :]  # [1, C]
+
+    def share(weights: torch.Tensor) -> torch.Tensor:  # [B, T] -> [B, C]
+        hits = (same * weights[:, :, None]).sum(dim=1)
+        return torch.where(is_all > 0, torch.ones_like(hits), hits / weights.sum(dim=1, keepdim=True).clamp(min=1e-6))
+
+    typical = user[:, 3:4]  # [B, 1] typical log price paid
+    amount_vs_price = coupon_terms[None, :, 0] - typical  # [B, C] (0 - typical for percent/shipping: small)
+    min_spend_gap = coupon_terms[None, :, 2] - typical  # [B, C] > 0: the threshold is above the usual order
+    return torch.stack([share(real), share(recent), share(intent), amount_vs_price, min_spend_gap], dim=-1)
+
+
 class CouponTower(nn.Module):
-    """Coupon terms -> vector, so an unseen coupon with familiar terms still gets a sensible vector."""
+    """Coupon terms -> vector, so an unseen coupon with familiar terms still gets a sensible vector.
+
+    The vector ends with the coupon's raw terms (numeric terms and category id, ``COUPON_TERMS``
+    columns): the heads compute user x coupon features from them, and the serving graph's inputs stay
+    one precomputed ``coupon_vectors`` tensor. Category ids are small integers, exact in float32.
+    """
 
     def __init__(self, config: ModelConfig, category_emb: nn.Embedding):
         super().__init__()
@@ -154,25 +226,48 @@ class CouponTower(nn.Module):
 
     def forward(self, coupon_kind_ids, coupon_category_ids, coupon_numeric) -> torch.Tensor:
         x = torch.cat([self.kind_emb(coupon_kind_ids), self.category_emb(coupon_category_ids), coupon_numeric], dim=-1)
-        return self.mlp(x)  # [C, H]
+        terms = torch.cat([coupon_numeric, coupon_category_ids[:, None].to(coupon_numeric.dtype)], dim=-1)
+        return torch.cat([self.mlp(x), terms], dim=-1)  # [C, H + COUPON_TERMS]
 
 
 class CouponHeads(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, h = config.width, config.head_hidden
-        self.user_proj = nn.Linear(d, h)
+        self.head_hidden = h
+        self.user_proj = nn.Linear(d + N_USER_AGGREGATES, h)
         self.user_gate = nn.Linear(d, h)  # multiplicative user x coupon term (does the coupon's scope fit the user?)
+        self.cross_proj = nn.Linear(N_CROSS + COUPON_TERMS - 1, h)
+        self.hidden = nn.Linear(h, h)
         self.out = nn.Linear(h, 2)  # [delta_buy, redeem] logits
-        self.control = nn.Sequential(nn.Linear(d, h), nn.GELU(), nn.Linear(h, 1))
+        self.control = nn.Sequential(nn.Linear(d + N_USER_AGGREGATES, h), nn.GELU(), nn.Dropout(config.head_dropout),
+                                     nn.Linear(h, 1))
+        n_pair = N_CROSS + COUPON_TERMS - 1
+        # the "wide" part (Wide & Deep): logits linear in the pair features and their products with the
+        # user aggregates. It is what lets the effect of a coupon's value and scope generalize across
+        # coupons instead of being learned coupon by coupon from a few hundred noisy rows each.
+        self.wide = nn.Linear(n_pair + N_USER_AGGREGATES + n_pair * N_USER_AGGREGATES, 2)
+        self.wide_control = nn.Linear(N_USER_AGGREGATES, 1)
+        # a few dozen coupons carry thousands of labels between them: without dropout the learned part
+        # of their vectors memorizes each coupon's noise instead of how terms and fit drive the effect
+        self.drop = nn.Dropout(config.head_dropout)
 
-    def forward(self, profile: torch.Tensor, coupon_vectors: torch.Tensor):
-        hu = self.user_proj(profile)  # [B, H]
+    def forward(self, profile: torch.Tensor, coupon_vectors: torch.Tensor, user: torch.Tensor, cross: torch.Tensor):
+        """``profile [B, D]``, ``coupon_vectors [C, H + COUPON_TERMS]``, ``user [B, A]``, ``cross [B, C, N_CROSS]``."""
+        learned, terms = coupon_vectors[:, :self.head_hidden], coupon_vectors[:, self.head_hidden:-1]  # [C, H], [C, 4]
+        learned = self.drop(learned)
+        user_in = torch.cat([profile, user], dim=-1)  # [B, D + A]
+        hu = self.user_proj(user_in)  # [B, H]
         gate = self.user_gate(profile)  # [B, H]
-        hidden = F.gelu(hu[:, None, :] + coupon_vectors[None, :, :]
-                        + gate[:, None, :] * coupon_vectors[None, :, :])  # [B, C, H]
-        logits = self.out(hidden)  # [B, C, 2]
-        control_logit = self.control(profile)  # [B, 1]
+        b, c = cross.shape[0], cross.shape[1]
+        pair = torch.cat([cross, terms[None, :, :].expand(b, c, terms.shape[1])], dim=-1)  # [B, C, N_CROSS + 4]
+        hidden = F.gelu(hu[:, None, :] + learned[None, :, :] + gate[:, None, :] * learned[None, :, :]
+                        + self.cross_proj(pair))  # [B, C, H]
+        user_bc = user[:, None, :].expand(b, c, user.shape[1])  # [B, C, A]
+        products = (pair[..., :, None] * user_bc[..., None, :]).flatten(2)  # [B, C, P * A]
+        wide = self.wide(torch.cat([pair, user_bc, products], dim=-1))  # [B, C, 2]
+        logits = self.out(self.drop(F.gelu(self.hidden(self.drop(hidden))))) + wide  # [B, C, 2]
+        control_logit = self.control(user_in) + self.wide_control(user)  # [B, 1]
         buy_logit = control_logit + logits[..., 0]  # [B, C]
         redeem_logit = logits[..., 1]  # [B, C]
         return redeem_logit, buy_logit, control_logit[:, 0]
@@ -200,13 +295,20 @@ class CouponModel(nn.Module):
     def profile(self, seq: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**seq)[:, -1]  # [B, D]
 
+    def score(self, seq: Mapping[str, torch.Tensor], coupon_vectors: torch.Tensor):
+        """(profile [B, D], logits: redeem [B, C], buy [B, C], control [B]) from precomputed coupon vectors."""
+        profile = self.profile(seq)
+        user = user_aggregates(seq["event_ids"], seq["seq_numeric"])
+        cross = cross_features(seq["event_ids"], seq["category_ids"], user, coupon_vectors[:, -COUPON_TERMS:])
+        return (profile,) + self.heads(profile, coupon_vectors, user, cross)
+
     def next_item_logits(self, hidden: torch.Tensor):
         """Pre-training logits from hidden states [..., D]: (category [..., n_cat], item [..., n_items])."""
         return self.next_category(hidden), hidden @ self.encoder.item_emb.weight.T
 
     def forward(self, seq: Mapping[str, torch.Tensor], coupons: Mapping[str, torch.Tensor]):
         """Logits (redeem [B, C], buy [B, C], control [B]) for every user x every coupon."""
-        return self.heads(self.profile(seq), self.coupon_tower(**coupons))
+        return self.score(seq, self.coupon_tower(**coupons))[1:]
 
 
 class ServingModel(nn.Module):
@@ -217,12 +319,12 @@ class ServingModel(nn.Module):
 
     def __init__(self, model: CouponModel):
         super().__init__()
-        self.encoder = model.encoder
-        self.heads = model.heads
+        self.model = model
 
     def forward(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric, coupon_vectors):
-        profile = self.encoder(event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric)[:, -1]
-        redeem_logit, buy_logit, control_logit = self.heads(profile, coupon_vectors)
+        seq = {"event_ids": event_ids, "category_ids": category_ids, "item_ids": item_ids, "recency_ids": recency_ids,
+               "price_ids": price_ids, "seq_numeric": seq_numeric}
+        profile, redeem_logit, buy_logit, control_logit = self.model.score(seq, coupon_vectors)
         return profile, torch.sigmoid(redeem_logit), torch.sigmoid(buy_logit), torch.sigmoid(control_logit)
 
 
