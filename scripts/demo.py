@@ -1,4 +1,4 @@
-"""The main job end to end on embedded defaults: simulate -> train -> export -> score.
+"""The main job end to end on embedded defaults: simulate -> train -> export -> serve -> score.
 
 ``make demo`` runs this. Each stage writes under ``--artifacts``::
 
@@ -39,22 +39,26 @@ def main(argv=None) -> int:
 
     from training.simulate import SimConfig, simulate
     if not (args.reuse and (data_dir / "events.csv").exists()):
-        stage("1/4 simulate the default data set")
+        stage("1/5 simulate the default data set")
         simulate(SimConfig(), data_dir)
 
     from training.config import TrainConfig
     from training.train import run
     checkpoint = run_dir / "checkpoint.pt"
     if not (args.reuse and checkpoint.exists()):
-        stage("2/4 pre-train + fine-tune + evaluate")
+        stage("2/5 pre-train + fine-tune + evaluate")
         run(TrainConfig(data_dir=str(data_dir), out_dir=str(run_dir)))
 
     from export.onnx_export import export_model
     if not (args.reuse and (model_dir / "manifest.json").exists()):
-        stage("3/4 export to ONNX, quantize to int8, check parity")
+        stage("3/5 export to ONNX, quantize to int8, check parity")
         export_model(checkpoint, model_dir, data_dir)
 
-    stage("4/4 score held-out users with the torch-free runtime")
+    stage("4/5 serve: the HTTP service on 127.0.0.1 (gunicorn), a few real requests")
+    from server.launcher import demo_requests
+    demo_requests(model_dir, data_dir / "coupons.csv", data_dir)
+
+    stage("5/5 score held-out users with the torch-free runtime, against the ground truth")
     show_scores(model_dir, data_dir, args.users)
 
     from training.evaluate import format_table

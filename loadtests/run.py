@@ -1,0 +1,226 @@
+"""Run a load test against the real service and gate it on the thresholds in ``loadtests/thresholds.toml``.
+
+``python -m loadtests --profile full`` (``make loadtest``) or ``--profile ci`` (``make loadtest-ci``):
+
+1. picks the profile's model: ``demo`` (``artifacts/`` from ``make demo``, else the tiny one) or ``tiny``
+   (a tiny model built once and cached in ``build/``, see ``loadtests/model.py``);
+2. starts gunicorn with the checked-in config on ``127.0.0.1:<free port>`` and waits for every worker;
+3. runs locust headless for the profile's duration at a fixed offered load (users x per-user rate);
+   locust stops itself after the duration, and a timeout backs that up;
+4. reads the server's own figures (``/metrics`` merged over the workers, the workers' CPU time: see
+   ``loadtests/serverstats.py``), stops the server (also on errors), writes ``<out>/locust_stats.csv``
+   (and the other locust CSVs), ``<out>/report.html``, ``<out>/server.log`` and ``<out>/summary.json``;
+5. exits 1 if the error ratio, the throughput, a client-side latency percentile, a server-side latency
+   percentile or the server's CPU time per request passes its threshold.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("loadtest")
+
+HERE = Path(__file__).resolve().parent
+PROFILE_KEYS = {"model", "users", "user_rate", "spawn_rate", "duration_s", "workers", "max_error_ratio",
+                "min_throughput_ratio", "latency_ms", "server_latency_ms", "server_cpu_ms"}
+PERCENTILES = {"p50": "50%", "p90": "90%", "p95": "95%", "p99": "99%"}  # locust's CSV columns
+SERVER_PERCENTILES = ("mean", "p50", "p95", "p99")
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", default="full", help="section of the thresholds file (full, ci)")
+    parser.add_argument("--thresholds", type=Path, default=HERE / "thresholds.toml")
+    parser.add_argument("--artifacts", type=Path, default=Path("artifacts"), help="where `make demo` wrote model/ and data/")
+    parser.add_argument("--model", type=Path, help="model directory (instead of the artifacts)")
+    parser.add_argument("--data", type=Path, help="simulator data directory (instead of the artifacts)")
+    parser.add_argument("--out", type=Path, help="report directory (default: reports/loadtest-<profile>)")
+    parser.add_argument("--duration", type=float, help="override the profile's duration_s")
+    return parser.parse_args(argv)
+
+
+def load_profile(path: Path, name: str) -> dict[str, Any]:
+    with open(path, "rb") as fh:
+        profiles = tomllib.load(fh)
+    if name not in profiles:
+        raise ValueError(f"{path} has no profile {name!r}; it has {sorted(profiles)}")
+    profile = profiles[name]
+    unknown = set(profile) - PROFILE_KEYS
+    missing = PROFILE_KEYS - set(profile)
+    if unknown or missing:
+        raise ValueError(f"{path} [{name}]: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
+    if profile["model"] not in ("demo", "tiny"):
+        raise ValueError(f"{path} [{name}] model must be 'demo' or 'tiny', got {profile['model']!r}")
+    for table, allowed in (("latency_ms", set(PERCENTILES)), ("server_latency_ms", set(SERVER_PERCENTILES))):
+        for request_name, limits in profile[table].items():
+            bad = set(limits) - allowed
+            if bad:
+                raise ValueError(f"{path} [{name}.{table}] {request_name!r}: unknown percentiles {sorted(bad)}")
+    bad = set(profile["server_cpu_ms"]) - {"demo", "tiny"}
+    if bad:
+        raise ValueError(f"{path} [{name}.server_cpu_ms]: keys are model kinds (demo, tiny), got {sorted(bad)}")
+    return profile
+
+
+def read_stats(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="") as fh:
+        return {row["Name"]: row for row in csv.DictReader(fh)}
+
+
+def evaluate(stats: dict[str, dict[str, str]], profile: dict[str, Any], duration_s: float,
+             server: dict[str, Any] | None = None, model_kind: str = "tiny") -> tuple[dict, list[str]]:
+    """The summary figures and the list of threshold violations (empty: pass).
+
+    ``server``: the server-side figures (``{"cpu_ms_per_request", "latency_ms": {endpoint: {...}}}``);
+    without them only the client-side gates apply.
+    """
+    total = stats.get("Aggregated")
+    if total is None:
+        return {}, ["locust wrote no Aggregated row: no request was made"]
+    requests, failures = int(total["Request Count"]), int(total["Failure Count"])
+    offered = profile["users"] * profile["user_rate"]
+    achieved = float(total["Requests/s"])
+    summary: dict[str, Any] = {
+        "requests": requests, "failures": failures, "error_ratio": failures / requests if requests else 1.0,
+        "offered_rps": offered, "achieved_rps": achieved, "duration_s": duration_s, "latency_ms": {},
+    }
+    violations = []
+    if requests == 0:
+        violations.append("no requests were made")
+    if summary["error_ratio"] > profile["max_error_ratio"]:
+        violations.append(f"error ratio {summary['error_ratio']:.4f} > {profile['max_error_ratio']}")
+    if achieved < profile["min_throughput_ratio"] * offered:
+        violations.append(f"throughput {achieved:.1f} req/s < {profile['min_throughput_ratio']} x offered {offered:.1f}")
+    for name, limits in profile["latency_ms"].items():
+        row = stats.get(name)
+        if row is None or int(row["Request Count"]) == 0:
+            violations.append(f"{name}: no requests")
+            continue
+        figures = {p: float(row[col]) for p, col in PERCENTILES.items()}
+        summary["latency_ms"][name] = {**figures, "requests": int(row["Request Count"])}
+        for p, limit in limits.items():
+            if figures[p] > limit:
+                violations.append(f"{name}: {p} {figures[p]:.0f} ms > {limit} ms")
+    if server is not None:
+        summary["server"] = server
+        cpu_limit = profile["server_cpu_ms"].get(model_kind)
+        cpu = server.get("cpu_ms_per_request")
+        if cpu_limit is not None:
+            if cpu is None or not cpu > 0:
+                violations.append("server: no CPU time per request measured")
+            elif cpu > cpu_limit:
+                violations.append(f"server: {cpu:.2f} CPU ms per request > {cpu_limit} ({model_kind} model)")
+        for name, limits in profile["server_latency_ms"].items():
+            figures = server.get("latency_ms", {}).get(name)
+            if not figures or not figures.get("requests"):
+                violations.append(f"server {name}: no requests")
+                continue
+            for p, limit in limits.items():
+                if not figures[p] <= limit:  # NaN fails too
+                    violations.append(f"server {name}: {p} {figures[p]:.2f} ms > {limit} ms")
+    return summary, violations
+
+
+def run_locust(url: str, profile: dict, duration_s: float, out: Path, env: dict[str, str]) -> int:
+    command = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
+               "--host", url, "-u", str(profile["users"]), "-r", str(profile["spawn_rate"]),
+               "-t", f"{int(duration_s)}s", "--stop-timeout", "5", "--csv", str(out / "locust"),
+               "--html", str(out / "report.html"), "--only-summary", "--loglevel", "WARNING",
+               "--exit-code-on-error", "0", "ScoringUser"]
+    log.info("locust: %d users x %.1f req/s for %.0f s against %s", profile["users"], profile["user_rate"],
+             duration_s, url)
+    with open(out / "locust.log", "wb") as fh:
+        # bounded: locust stops itself after -t; the timeout is the backstop
+        return subprocess.run(command, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              timeout=duration_s + 120).returncode
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = get_args(argv)
+    profile = load_profile(args.thresholds, args.profile)
+    duration_s = float(args.duration or profile["duration_s"])
+    out = args.out or Path("reports") / f"loadtest-{args.profile}"
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("locust_*.csv"), out / "server.log", out / "summary.json"]:
+        stale.unlink(missing_ok=True)
+
+    from loadtests import serverstats
+    from loadtests.model import resolve
+    from loadtests.payloads import build_pool, save_pool
+    from runtime.scorer import read_manifest
+    from server.launcher import ServerProcess
+
+    model_dir, data_dir, source = resolve(args.artifacts, args.model, args.data, prefer=profile["model"])
+    max_len = read_manifest(model_dir, verify=False)["feature_spec"]["max_len"]
+    log.info("model %s (%s), data %s", model_dir, source, data_dir)
+    started = time.perf_counter()
+    pool = build_pool(data_dir, max_len)
+    save_pool(pool, out / "payloads.json")
+    log.info("payloads: %s", pool.stats)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOADTEST_")}
+    env.update({"LOADTEST_POOL_FILE": str(out / "payloads.json"), "LOADTEST_USER_RATE": str(profile["user_rate"])})
+    with ServerProcess(model_dir, data_dir / "coupons.csv", workers=profile["workers"] or None,
+                       log_path=out / "server.log") as server:
+        before, cpu_before = serverstats.scrape(server.url), server.cpu_seconds()
+        code = run_locust(server.url, profile, duration_s, out, env)
+        cpu_after, after = server.cpu_seconds(), serverstats.scrape(server.url)
+        workers = len(server.worker_pids())
+    if code != 0:
+        log.error("locust exited with %d; see %s", code, out / "locust.log")
+        return 1
+    answered = serverstats.total_requests(after) - serverstats.total_requests(before)
+    server_figures = {
+        "workers": workers, "requests": int(answered),
+        "cpu_ms_per_request": round((cpu_after - cpu_before) / answered * 1e3, 3) if answered else None,
+        "latency_ms": {name: serverstats.latency_ms(serverstats.diff(serverstats.histogram(after, name),
+                                                                     serverstats.histogram(before, name)))
+                       for name in ("/v1/score", "/v1/score:batch", "/v1/profile")},
+    }
+    summary, violations = evaluate(read_stats(out / "locust_stats.csv"), profile, duration_s, server_figures, source)
+    summary.update({"profile": args.profile, "model": str(model_dir), "model_source": source,
+                    "wall_s": round(time.perf_counter() - started, 1), "violations": violations,
+                    "passed": not violations})
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_summary(summary, profile))
+    if violations:
+        log.error("load test FAILED: %s", "; ".join(violations))
+        return 1
+    log.info("load test passed; reports in %s", out)
+    return 0
+
+
+def format_summary(summary: dict, profile: dict) -> str:
+    lines = [f"load test [{summary['profile']}]: {summary['requests']} requests in {summary['duration_s']:.0f} s, "
+             f"{summary['achieved_rps']:.1f} req/s (offered {summary['offered_rps']:.1f}), "
+             f"errors {summary['failures']} ({summary['error_ratio']:.2%}, limit {profile['max_error_ratio']:.2%})"]
+    for name, fig in summary["latency_ms"].items():
+        limits = profile["latency_ms"].get(name, {})
+        cells = ", ".join(f"{p} {fig[p]:.0f} ms" + (f" (<= {limits[p]})" if p in limits else "") for p in PERCENTILES)
+        lines.append(f"  client {name:<16} {fig['requests']:>7} req  {cells}")
+    server = summary.get("server")
+    if server:
+        limit = profile["server_cpu_ms"].get(summary.get("model_source", ""))
+        lines.append(f"  server: {server['workers']} workers, {server['requests']} requests, "
+                     f"{server['cpu_ms_per_request']} CPU ms per request" + (f" (<= {limit})" if limit else ""))
+        for name, fig in server["latency_ms"].items():
+            limits = profile["server_latency_ms"].get(name, {})
+            cells = ", ".join(f"{p} {fig[p]:.2f} ms" + (f" (<= {limits[p]})" if p in limits else "")
+                              for p in SERVER_PERCENTILES)
+            lines.append(f"  server {name:<16} {fig['requests']:>7} req  {cells}")
+    lines.append("PASS" if summary["passed"] else "FAIL: " + "; ".join(summary["violations"]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

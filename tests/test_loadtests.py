@@ -1,0 +1,114 @@
+"""The load tests' own parts: payloads the service must accept (or reject exactly as expected) and the gate.
+
+The payload pool is checked against the real app here, in-process, so a body the service rightly refuses
+can never again pose as good traffic and fail a load test (the 3 failures of an early CI run were bodies
+with an empty user_id, built from the simulator's deliberately dirty rows).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+
+from loadtests.payloads import bench_body, build_pool
+from loadtests.run import PERCENTILES, evaluate, load_profile
+from runtime.scorer import read_manifest
+from server.app import create_app
+from server.config import load_config
+
+THRESHOLDS = Path(__file__).resolve().parents[1] / "loadtests" / "thresholds.toml"
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_pipeline):
+    max_len = read_manifest(tiny_pipeline.model_dir, verify=False)["feature_spec"]["max_len"]
+    return build_pool(tiny_pipeline.data_dir, max_len, n_users=300, n_batches=40)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_pipeline):
+    cfg = load_config({"model_dir": str(tiny_pipeline.model_dir), "catalog": str(tiny_pipeline.catalog)}, environ={})
+    return create_app(cfg).test_client()
+
+
+def _post(client, path, body):
+    return client.post(path, data=body, content_type="application/json")
+
+
+def test_every_good_body_of_the_pool_is_answered_200(pool, client):
+    assert pool.stats["users"] >= 300 and pool.stats["empty_histories"] > 0  # mixed lengths, from empty
+    assert pool.stats["max_events"] > pool.max_len  # and some longer than the model reads (truncated)
+    assert all(type(u["user_id"]) is str and 1 <= len(u["user_id"]) <= 256 for u in pool.users)
+    for path, bodies in (("/v1/score", pool.score), ("/v1/score:batch", pool.batch), ("/v1/profile", pool.profile)):
+        for body in bodies:
+            resp = _post(client, path, body)
+            assert resp.status_code == 200, (path, body[:200], resp.get_data(as_text=True)[:300])
+
+
+def test_every_bad_request_of_the_pool_gets_its_expected_error(pool, client):
+    names = set()
+    for bad in pool.bad:
+        resp = _post(client, bad.path, bad.body)
+        assert resp.status_code == bad.status, (bad.name, resp.get_data(as_text=True)[:300])
+        error = resp.get_json()["error"]
+        assert bad.field is None or error["field"].startswith(bad.field), (bad.name, error)
+        names.add(bad.name)
+    # the classes of the issue are all in the load test's mix
+    assert {"malformed_json", "unknown_event_kind", "non_finite_price", "future_timestamp", "too_many_events",
+            "oversized_body", "unknown_candidate", "batch_bad_user"} <= names
+
+
+def test_pool_is_reproducible_and_bench_body_is_full_size(pool, tiny_pipeline, client):
+    again = build_pool(tiny_pipeline.data_dir, pool.max_len, n_users=300, n_batches=40)
+    assert again.score == pool.score and again.batch == pool.batch
+    body = orjson.loads(bench_body(pool))
+    assert len(body["events"]) == pool.max_len and body["k"] == 10
+    assert _post(client, "/v1/score", bench_body(pool)).status_code == 200
+
+
+def _stats(p95_score: float, failures: int = 0, requests: int = 2000, rps: float = 100.0) -> dict:
+    def row(name, n, p95, fails=0):
+        figures = {"50%": p95 / 2, "90%": p95 * 0.9, "95%": p95, "99%": p95 * 1.5}
+        return {"Name": name, "Request Count": str(n), "Failure Count": str(fails), "Requests/s": str(rps),
+                **{k: str(v) for k, v in figures.items()}}
+
+    return {"Aggregated": row("Aggregated", requests, p95_score, failures), "/v1/score": row("/v1/score", 1400, p95_score),
+            "/v1/score:batch": row("/v1/score:batch", 160, p95_score * 2), "/v1/profile": row("/v1/profile", 120, p95_score)}
+
+
+def _server(cpu_ms: float, mean_ms: float = 1.0) -> dict:
+    figures = {"requests": 1400, "mean": mean_ms, "p50": mean_ms, "p95": 2 * mean_ms, "p99": 3 * mean_ms}
+    return {"workers": 2, "requests": 2000, "cpu_ms_per_request": cpu_ms, "latency_ms": {"/v1/score": figures}}
+
+
+@pytest.mark.parametrize("name", ["full", "ci"])
+def test_checked_in_thresholds_parse_and_gate(name):
+    profile = load_profile(THRESHOLDS, name)
+    assert profile["duration_s"] <= 120 and profile["users"] * profile["user_rate"] > 0  # bounded, fixed load
+    offered = profile["users"] * profile["user_rate"]
+    kind = profile["model"]
+    cpu_limit = profile["server_cpu_ms"][kind]
+
+    def gate(stats, server):
+        return evaluate(stats, profile, profile["duration_s"], server, kind)
+
+    summary, violations = gate(_stats(1.0, rps=offered), _server(cpu_limit / 2))
+    assert violations == [] and summary["error_ratio"] == 0
+    assert set(summary["latency_ms"]["/v1/score"]) == set(PERCENTILES) | {"requests"}
+    # errors, a slow /v1/score (client side), a throughput shortfall each fail the gate
+    assert any("error ratio" in v for v in gate(_stats(1.0, failures=10, rps=offered), _server(cpu_limit / 2))[1])
+    assert any(v.startswith("/v1/score:") for v in gate(_stats(10_000.0, rps=offered), _server(cpu_limit / 2))[1])
+    assert any("throughput" in v for v in gate(_stats(1.0, rps=offered / 2), _server(cpu_limit / 2))[1])
+    # a request path 3x as expensive as the limit's half (the measured figures are below it) fails on CPU
+    assert any("CPU ms per request" in v for v in gate(_stats(1.0, rps=offered), _server(cpu_limit / 2 * 3))[1])
+    assert any(v.startswith("server /v1/score") for v in gate(_stats(1.0, rps=offered), _server(1.0, 1000.0))[1])
+    no_server = {"workers": 2, "requests": 0, "cpu_ms_per_request": None, "latency_ms": {}}
+    assert len(gate(_stats(1.0, rps=offered), no_server)[1]) == 2
+
+
+def test_thresholds_reject_unknown_keys(tmp_path):
+    bad = tmp_path / "t.toml"
+    bad.write_text(THRESHOLDS.read_text().replace("max_error_ratio", "max_eror_ratio", 1))
+    with pytest.raises(ValueError, match="unknown keys"):
+        load_profile(bad, "full")
