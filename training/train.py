@@ -128,7 +128,8 @@ def pretrain(model: CouponModel, data: PretrainArrays, config: TrainConfig, rng:
                 loss = step(_pretrain_loss, ctx.to_device({"seq": seq, "category": torch.from_numpy(cat_t),
                                                            "item": torch.from_numpy(item_t),
                                                            "keep": torch.from_numpy(keep)}))
-                opt.zero_grad(set_to_none=True)
+                # the model's, not the optimizer's: see finetune (grads left in parameters it does not own)
+                model.zero_grad(set_to_none=True)
                 (loss if scale == 1.0 else loss * scale).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
@@ -204,7 +205,11 @@ def finetune(model: CouponModel, data: IssuanceArrays, val: IssuanceArrays, coup
             began, rows = ctx.clock(), 0
             for idx in plan.batches(epoch):
                 loss = step(_issuance_loss, ctx.to_device(_issuance_batch(data, idx)), coupons)
-                opt.zero_grad(set_to_none=True)
+                # the model's, not the optimizer's: a frozen encoder is in no param group, so
+                # opt.zero_grad would leave it the last pre-training step's gradients, which
+                # clip_grad_norm_ would count (and shrink in place) at every step; a resumed run,
+                # which skips pre-training, has none, so it clipped differently
+                model.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
