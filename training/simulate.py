@@ -551,6 +551,85 @@ def simulate(config: SimConfig, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
+@dataclass
+class SimTruth:
+    """The simulator's true response model for some users (rows) x every coupon (columns).
+
+    What ``ground_truth.csv`` holds, for any users (training users too), plus ``basket`` (the expected
+    order value of a purchase without a coupon). Built by :func:`recompute_truth`.
+    """
+
+    user_ids: np.ndarray  # [U] object
+    coupon_ids: np.ndarray  # [C] object, catalog order
+    p_buy_coupon: np.ndarray  # [U, C]
+    p_buy_control: np.ndarray  # [U]
+    p_redeem: np.ndarray  # [U, C] unconditional (<= p_buy_coupon)
+    expected_order_value: np.ndarray  # [U, C]
+    basket: np.ndarray  # [U] expected order value without a coupon
+    response_type: np.ndarray  # [U] object, one of RESPONSE_TYPES
+
+    def index(self, user_ids) -> np.ndarray:
+        """Row of each of ``user_ids``; KeyError naming the first unknown one."""
+        pos = {u: i for i, u in enumerate(self.user_ids.tolist())}
+        try:
+            return np.fromiter((pos[str(u)] for u in user_ids), dtype=np.int64)
+        except KeyError as exc:
+            raise KeyError(f"user {exc.args[0]!r} is not in this truth") from None
+
+    def frame(self) -> pd.DataFrame:
+        """The ``ground_truth.csv`` layout (same rounding), one row per user x coupon."""
+        n_cp = len(self.coupon_ids)
+        gt = pd.DataFrame({
+            "user_id": np.repeat(self.user_ids, n_cp),
+            "coupon_id": np.tile(self.coupon_ids, len(self.user_ids)),
+            "p_buy_coupon": np.round(self.p_buy_coupon.ravel(), 6),
+            "p_buy_control": np.round(np.repeat(self.p_buy_control, n_cp), 6),
+            "p_redeem": np.round(self.p_redeem.ravel(), 6),
+            "expected_order_value": np.round(self.expected_order_value.ravel(), 2),
+            "response_type": np.repeat(self.response_type, n_cp),
+        })
+        gt["p_redeem"] = np.minimum(gt["p_redeem"], gt["p_buy_coupon"])
+        return gt
+
+
+def recompute_truth(config: SimConfig, user_ids=None) -> SimTruth:
+    """The true response model of ``config``'s world for ``user_ids`` (default: every user), training
+    users included, which ``ground_truth.csv`` leaves out.
+
+    It replays :func:`simulate`'s generator with the same seed and the same order of random streams up
+    to the truth (catalog, users, events, baskets), so the numbers are exactly those behind the files
+    ``simulate(config)`` wrote; nothing is written. Costs about as much as simulating without writing.
+    """
+    cfg = config
+    rng = np.random.default_rng(cfg.seed)
+    r_cat, r_item, r_user, r_event, r_coupon, _r_issue, _r_dirty = rng.spawn(7)  # simulate()'s streams
+    cat_names, cat_pop = _categories(cfg, r_cat)
+    items = _items(cfg, cat_pop, r_item)
+    users = _users(cfg, cat_pop, r_user)
+    events = _events(cfg, users, cat_names, cat_pop, items, r_event)
+    basket = _baskets(events, users["user_id"])
+    coupons = _coupons(cfg, cat_names, cat_pop, float(np.median(basket)), r_coupon)
+    truth = _truth(cfg, users, basket, coupons, {c: i for i, c in enumerate(cat_names)}, cat_pop)
+    rows = np.arange(cfg.n_users)
+    all_ids = users["user_id"]
+    if user_ids is not None:
+        pos = {u: i for i, u in enumerate(all_ids.tolist())}
+        missing = [u for u in user_ids if str(u) not in pos]
+        if missing:
+            raise KeyError(f"{len(missing)} user(s) not in the simulated population, e.g. {missing[0]!r}")
+        rows = np.fromiter((pos[str(u)] for u in user_ids), dtype=np.int64)
+    return SimTruth(
+        user_ids=all_ids[rows],
+        coupon_ids=coupons["coupon_id"].to_numpy(dtype=object),
+        p_buy_coupon=truth["p_buy_coupon"][rows],
+        p_buy_control=truth["p_buy_control"][rows],
+        p_redeem=truth["p_redeem"][rows],
+        expected_order_value=truth["expected_order_value"][rows],
+        basket=truth["basket"][rows],
+        response_type=np.array(RESPONSE_TYPES, dtype=object)[users["type"][rows]],
+    )
+
+
 def truth_summary(users: dict | None = None, truth: dict | None = None, *, ground_truth: pd.DataFrame | None = None
                   ) -> dict[str, dict[str, float]]:
     """Mean p_buy_control, mean uplift and share of negative uplift, overall and per response type,
