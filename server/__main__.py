@@ -1,4 +1,5 @@
-"""Start the service: ``python -m server [--model-dir DIR] [--catalog CSV] [--bind HOST:PORT] [--workers N]``.
+"""Start the service: ``python -m server [--model-dir DIR] [--catalog CSV] [--bind HOST:PORT] [--workers N]
+[--policy JSON] [--ledger-url URL]``.
 
 The options set the matching ``EDGECOUPON_*`` variables, then this process becomes gunicorn with the
 checked-in config (``server/gunicorn_conf.py``). Everything else is configured as in ``server.config``
@@ -21,6 +22,8 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--catalog", help="coupon catalog CSV/JSON (EDGECOUPON_CATALOG)")
     parser.add_argument("--bind", help="host:port to listen on (EDGECOUPON_BIND, default 127.0.0.1:8000)")
     parser.add_argument("--workers", type=int, help="worker processes (EDGECOUPON_WORKERS, default: one per core)")
+    parser.add_argument("--policy", help="budget policy JSON, enables objective profit (EDGECOUPON_POLICY)")
+    parser.add_argument("--ledger-url", help="sqlite:///path.db or postgresql://... (EDGECOUPON_LEDGER_URL)")
     parser.add_argument("--config", help="TOML config file (EDGECOUPON_CONFIG)")
     return parser.parse_args(argv)
 
@@ -34,6 +37,7 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     for value, name in ((args.model_dir, "EDGECOUPON_MODEL_DIR"), (args.catalog, "EDGECOUPON_CATALOG"),
                         (args.bind, "EDGECOUPON_BIND"), (args.workers, "EDGECOUPON_WORKERS"),
+                        (args.policy, "EDGECOUPON_POLICY"), (args.ledger_url, "EDGECOUPON_LEDGER_URL"),
                         (args.config, "EDGECOUPON_CONFIG")):
         if value is not None:
             env[name] = str(value)

@@ -29,7 +29,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -259,13 +259,16 @@ def _demo_users(data_dir: Path | None, n_users: int, max_rows: int = 200_000) ->
 
 
 def demo_requests(model_dir: str | Path, catalog: str | Path, data_dir: str | Path | None = None, *,
-                  workers: int = 2, k: int = 3) -> list[dict[str, Any]]:
+                  workers: int = 2, k: int = 3, env: Mapping[str, str] | None = None,
+                  then: Callable[["ServerProcess"], None] | None = None) -> list[dict[str, Any]]:
     """Start the real service on a free loopback port, send a few real requests, print the answers, stop it.
 
     What ``make demo`` shows of the service: ``POST /v1/score`` for a few simulated users (their real
     recent events from ``data_dir/events.csv``), ``POST /v1/profile``, one ``POST /v1/score:batch`` for
     all of them, ``GET /v1/model``, and one malformed request with its 400. Returns every exchange as
-    ``{"method", "path", "status", "body"}`` (the malformed one last).
+    ``{"method", "path", "status", "body"}`` (the malformed one last). ``env``: more ``EDGECOUPON_*``
+    settings of the server; with ``EDGECOUPON_POLICY`` it also asks for ``objective: "profit"``.
+    ``then(server)`` runs before the server stops (the demo's campaign).
     """
     users = _demo_users(Path(data_dir) if data_dir else None, n_users=3)
     exchanges: list[dict[str, Any]] = []
@@ -279,7 +282,7 @@ def demo_requests(model_dir: str | Path, catalog: str | Path, data_dir: str | Pa
     def show(exchange: dict[str, Any], summary: str) -> None:
         print(f"{exchange['method']} {exchange['path']} -> {exchange['status']}: {summary}")
 
-    with ServerProcess(model_dir, catalog, workers=workers) as srv:
+    with ServerProcess(model_dir, catalog, workers=workers, env=env) as srv:
         print(f"service: {srv.url} (gunicorn, {workers} worker(s), model {model_dir})")
         info = call(srv, "GET", "/v1/model")
         show(info, f"model {info['body'].get('model_version')}, {info['body'].get('catalog', {}).get('size')} coupons")
@@ -301,7 +304,18 @@ def demo_requests(model_dir: str | Path, catalog: str | Path, data_dir: str | Pa
         best = "; ".join(f"{r['user_id']}: {r['coupons'][0]['coupon_id']} (p_redeem {r['coupons'][0]['p_redeem']:.3f})"
                          for r in ex["body"].get("results", [])) if ex["status"] == 200 else ex["body"]
         show(ex, f"best coupon by p_redeem for {len(users)} users: {best}")
+        if (env or {}).get("EDGECOUPON_POLICY"):
+            for user, events, now in users:
+                ex = call(srv, "POST", "/v1/score", {"user_id": user, "events": events, "now": now,
+                                                     "objective": "profit", "k": 1})
+                coupons = ex["body"].get("coupons") if ex["status"] == 200 else None
+                decision = ("no coupon (none is worth its cost within the budget)" if coupons == [] else
+                            f"{coupons[0]['coupon_id']} (expected incremental profit {coupons[0]['expected_value']:+.3f}, "
+                            f"expected spend {coupons[0]['expected_spend']:.3f})" if coupons else ex["body"])
+                show(ex, f"budget policy for user {user}: {decision}")
         ex = call(srv, "POST", "/v1/score", {"user_id": user, "events": [{**events[0], "price": "NaN"}]})
         show(ex, f"(a malformed request) {ex['body']}")
+        if then is not None:
+            then(srv)
     print("service stopped")
     return exchanges

@@ -38,7 +38,8 @@ def schemas(config: ServerConfig) -> dict[str, Any]:
                   "description": "coupon ids to rank (default: the whole catalog); unknown ids are a 422"}
     k = {"type": "integer", "minimum": 1, "maximum": config.max_k, "description": "return the best k only"}
     objective = {"type": "string", "enum": list(OBJECTIVES), "default": config.default_objective,
-                 "description": "what to rank by: uplift = p_buy - p_buy_control"}
+                 "description": "what to rank by: uplift = p_buy - p_buy_control; profit applies the service's "
+                                "budget policy and lists only coupons worth giving ([] = no coupon)"}
     now = {**timestamp, "description": f"decision time (default: the server clock); events after it are ignored, "
                                        f"events more than {config.future_tolerance_s:g} s after it are a 400"}
     number = {"type": "number"}
@@ -85,7 +86,13 @@ def schemas(config: ServerConfig) -> dict[str, Any]:
                            "p_redeem": {**number, "minimum": 0, "maximum": 1},
                            "p_buy": {**number, "minimum": 0, "maximum": 1},
                            "p_buy_control": {**number, "minimum": 0, "maximum": 1},
-                           "uplift": {**number, "minimum": -1, "maximum": 1}},
+                           "uplift": {**number, "minimum": -1, "maximum": 1},
+                           # objective "profit" only: the budget policy's terms (runtime.allocation)
+                           "expected_value": {**number, "description": "profit objective: expected incremental "
+                                                                       "profit (or purchases) of giving this coupon"},
+                           "expected_spend": {**number, "minimum": 0, "description": "p_redeem x coupon cost"},
+                           "order_value": {**number, "minimum": 0,
+                                           "description": "the order value the policy assumed for this user"}},
         },
         "ScoreResponse": {
             "type": "object",

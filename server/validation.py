@@ -46,12 +46,13 @@ class Limits:
     future_tolerance_s: float
     default_objective: str
     coupon_ids: frozenset
+    has_policy: bool = False  # objective "profit" is served only with a budget policy loaded
 
     @classmethod
     def from_config(cls, config: ServerConfig, coupon_ids: list[str]) -> "Limits":
         return cls(config.max_events, config.max_batch, config.max_candidates, config.max_k,
                    config.max_user_id_chars, config.future_tolerance_s, config.default_objective,
-                   frozenset(coupon_ids))
+                   frozenset(coupon_ids), bool(config.policy))
 
 
 def parse_json(data: bytes) -> dict[str, Any]:
@@ -185,6 +186,9 @@ def parse_objective(body: dict, limits: Limits) -> str:
         return limits.default_objective
     if objective not in OBJECTIVES:
         raise ApiError(400, "objective", f"expected one of {list(OBJECTIVES)}, got {objective!r}")
+    if objective == "profit" and not limits.has_policy:
+        raise ApiError(400, "objective", "'profit' needs a budget policy and this service has none "
+                                         "(its policy setting is empty); use uplift, p_redeem or p_buy")
     return objective
 
 

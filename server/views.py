@@ -141,6 +141,9 @@ def model_summary(state: ServiceState) -> dict[str, Any]:
         "model_config": manifest.get("model_config", {}),
         "quantization": {k: manifest.get("quantization", {}).get(k) for k in ("method", "weight_type", "size_ratio")},
         "catalog": {"path": cfg.catalog, "size": len(state.catalog), "coupon_ids": state.coupon_ids},
+        "policy": None if state.policy is None else {
+            "path": cfg.policy, "version": state.policy.version, "objective": state.policy.objective,
+            "lambda": state.policy.lam, "model_version": state.policy.model_version},
         "limits": {"max_body_bytes": cfg.max_body_bytes, "max_events": cfg.max_events, "max_batch": cfg.max_batch,
                    "max_candidates": cfg.max_candidates, "max_k": cfg.max_k,
                    "future_tolerance_s": cfg.future_tolerance_s, "default_objective": cfg.default_objective},

@@ -81,8 +81,8 @@ def test_campaign_data_improves_the_model(tmp_path):
     app = create_app(load_config({"model_dir": str(tmp_path / "model"), "catalog": str(before_dir / "coupons.csv"),
                                   "ledger_url": ledger_url, "admin_token": TOKEN, "warmup_rounds": 0},
                                  environ={}))
-    # the ledger draws exploration from the system RNG; seed it so the campaign is reproducible
-    state_of(app).ledger._rng = random.Random(5)
+    # the ledger draws exploration from the system RNG; a seeded one makes the campaign reproducible
+    state_of(app).ledger.rng = random.Random(5)
     spec = CampaignSpec("closed-loop", holdout_share=0.1, exploration_share=0.6)
     result = run_campaign(FlaskTransport(app.test_client()), before_dir, TOKEN, spec, n_users=CAMPAIGN_USERS, seed=1)
     stats = result.stats

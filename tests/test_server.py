@@ -498,6 +498,51 @@ def test_limits_come_from_the_config(tiny_pipeline):
         "maxItems"] == 5
 
 
+# -------------------------------------------------------------------------------- budget policy
+
+
+def test_profit_objective_applies_the_policy_file_and_may_answer_no_coupon(tiny_pipeline, tmp_path, conform):
+    """The policy the allocation solver writes is what /v1/score's objective "profit" applies: the same
+    ranking as the runtime scorer with that policy; a threshold no coupon clears answers "no coupon"."""
+    from runtime.allocation import make_policy, save_policy
+
+    ids = Scorer(tiny_pipeline.model_dir, tiny_pipeline.catalog).coupon_ids
+    order_value = {"method": "history", "scale": 1.3, "default": 31.0}
+    policy = save_policy(make_policy(0.3, ids, margin=0.3, order_value=order_value, version="p-test"),
+                         tmp_path / "policy.json")
+    client = make_app(tiny_pipeline, policy=str(policy)).test_client()
+    body = {"user_id": "u1", "events": history(12), "now": NOW, "objective": "profit"}
+    resp = post(client, "/v1/score", body)
+    assert resp.status_code == 200, resp.get_json()
+    conform("/v1/score", "post", 200, resp.get_json())
+    got = resp.get_json()["coupons"]
+    expected = Scorer(tiny_pipeline.model_dir, tiny_pipeline.catalog, policy=policy).score(
+        history(12), now=NOW, objective="profit")
+    assert [c["coupon_id"] for c in got] == [c["coupon_id"] for c in expected]
+    assert [c["score"] for c in got] == pytest.approx([c["score"] for c in expected], abs=1e-9)
+    assert all(c["score"] > 0 for c in got)  # only coupons worth their cost at the multiplier
+    assert client.get("/v1/model").get_json()["policy"]["version"] == "p-test"
+
+    stingy = save_policy(make_policy(0.3, ids, margin=0.3, order_value=order_value, min_value_threshold=1e6,
+                                     version="p-none"), tmp_path / "stingy.json")
+    resp = post(make_app(tiny_pipeline, policy=str(stingy)).test_client(), "/v1/score", body)
+    assert resp.status_code == 200 and resp.get_json()["coupons"] == []  # "no coupon"
+
+
+def test_profit_without_a_policy_is_a_400_and_a_bad_policy_fails_the_start(tiny_pipeline, client, tmp_path):
+    from runtime.allocation import PolicyError
+
+    resp = post(client, "/v1/score", {"user_id": "u1", "events": [], "objective": "profit"})
+    assert resp.status_code == 400 and resp.get_json()["error"]["field"] == "objective"
+    assert "policy" in resp.get_json()["error"]["message"]
+    bad = tmp_path / "policy.json"
+    bad.write_text('{"format": "edgecoupon-policy/1", "lambda": -1}')
+    with pytest.raises(PolicyError):
+        make_app(tiny_pipeline, policy=str(bad))
+    with pytest.raises(ConfigError, match="policy"):
+        make_app(tiny_pipeline, default_objective="profit")
+
+
 def test_a_broken_model_directory_fails_the_start(tiny_pipeline, tmp_path):
     import shutil
 
