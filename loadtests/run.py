@@ -12,6 +12,13 @@
    (and the other locust CSVs), ``<out>/report.html``, ``<out>/server.log`` and ``<out>/summary.json``;
 5. exits 1 if the error ratio, the throughput, a client-side latency percentile, a server-side latency
    percentile or the server's CPU time per request passes its threshold.
+
+Profiles with ``scenario = "ledger"`` (``make loadtest-ledger``) drive the issue -> redeem -> convert flow
+instead (``loadtests/ledger_locustfile.py``) against a service with a ledger (``ledger = "sqlite"``: a
+fresh file in the report directory; ``"postgresql"``: ``--ledger-url`` or ``EDGECOUPON_TEST_PG_URL``).
+run.py creates the campaign through the admin API first, and afterwards checks the ledger against what
+the clients were told: every answered issue is a decision, no coupon beyond its inventory, every
+answered redemption recorded once.
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ import subprocess
 import sys
 import time
 import tomllib
+import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +41,11 @@ log = logging.getLogger("loadtest")
 HERE = Path(__file__).resolve().parent
 PROFILE_KEYS = {"model", "users", "user_rate", "spawn_rate", "duration_s", "workers", "max_error_ratio",
                 "min_throughput_ratio", "latency_ms", "server_latency_ms", "server_cpu_ms"}
+OPTIONAL_KEYS = {"scenario": "scoring", "ledger": ""}  # key -> default
+SCENARIOS = {"scoring": ("locustfile.py", "ScoringUser", ("/v1/score", "/v1/score:batch", "/v1/profile")),
+             "ledger": ("ledger_locustfile.py", "LedgerUser", ("/v1/issue", "/v1/redeem", "/v1/conversions"))}
+LEDGERS = ("sqlite", "postgresql")
+CREATED = {"/v1/conversions": "201"}  # endpoints whose success is not a 200
 PERCENTILES = {"p50": "50%", "p90": "90%", "p95": "95%", "p99": "99%"}  # locust's CSV columns
 SERVER_PERCENTILES = ("mean", "p50", "p95", "p99")
 
@@ -46,6 +60,7 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, help="simulator data directory (instead of the artifacts)")
     parser.add_argument("--out", type=Path, help="report directory (default: reports/loadtest-<profile>)")
     parser.add_argument("--duration", type=float, help="override the profile's duration_s")
+    parser.add_argument("--ledger-url", help="PostgreSQL URL of a ledger profile (default: $EDGECOUPON_TEST_PG_URL)")
     return parser.parse_args(argv)
 
 
@@ -55,7 +70,7 @@ def load_profile(path: Path, name: str) -> dict[str, Any]:
     if name not in profiles:
         raise ValueError(f"{path} has no profile {name!r}; it has {sorted(profiles)}")
     profile = profiles[name]
-    unknown = set(profile) - PROFILE_KEYS
+    unknown = set(profile) - PROFILE_KEYS - set(OPTIONAL_KEYS)
     missing = PROFILE_KEYS - set(profile)
     if unknown or missing:
         raise ValueError(f"{path} [{name}]: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
@@ -66,6 +81,11 @@ def load_profile(path: Path, name: str) -> dict[str, Any]:
             bad = set(limits) - allowed
             if bad:
                 raise ValueError(f"{path} [{name}.{table}] {request_name!r}: unknown percentiles {sorted(bad)}")
+    profile = {**OPTIONAL_KEYS, **profile}
+    if profile["scenario"] not in SCENARIOS:
+        raise ValueError(f"{path} [{name}] scenario must be one of {sorted(SCENARIOS)}, got {profile['scenario']!r}")
+    if (profile["scenario"] == "ledger") != (profile["ledger"] in LEDGERS):
+        raise ValueError(f"{path} [{name}]: a ledger scenario needs ledger = one of {list(LEDGERS)}, and only it")
     bad = set(profile["server_cpu_ms"]) - {"demo", "tiny"}
     if bad:
         raise ValueError(f"{path} [{name}.server_cpu_ms]: keys are model kinds (demo, tiny), got {sorted(bad)}")
@@ -132,11 +152,12 @@ def evaluate(stats: dict[str, dict[str, str]], profile: dict[str, Any], duration
 
 
 def run_locust(url: str, profile: dict, duration_s: float, out: Path, env: dict[str, str]) -> int:
-    command = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless",
+    locustfile, user_class, _ = SCENARIOS[profile["scenario"]]
+    command = [sys.executable, "-m", "locust", "-f", str(HERE / locustfile), "--headless",
                "--host", url, "-u", str(profile["users"]), "-r", str(profile["spawn_rate"]),
                "-t", f"{int(duration_s)}s", "--stop-timeout", "5", "--csv", str(out / "locust"),
                "--html", str(out / "report.html"), "--only-summary", "--loglevel", "WARNING",
-               "--exit-code-on-error", "0", "ScoringUser"]
+               "--exit-code-on-error", "0", user_class]
     log.info("locust: %d users x %.1f req/s for %.0f s against %s", profile["users"], profile["user_rate"],
              duration_s, url)
     with open(out / "locust.log", "wb") as fh:
@@ -170,8 +191,16 @@ def main(argv=None) -> int:
     log.info("payloads: %s", pool.stats)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOADTEST_")}
     env.update({"LOADTEST_POOL_FILE": str(out / "payloads.json"), "LOADTEST_USER_RATE": str(profile["user_rate"])})
+    server_env: dict[str, str] = {}
+    ledger = None
+    if profile["scenario"] == "ledger":
+        ledger = LedgerRun.prepare(profile["ledger"], args.ledger_url, out, data_dir)
+        server_env = ledger.server_env()
+        env.update({"LOADTEST_CAMPAIGN": ledger.campaign_id, "LOADTEST_RUN_ID": ledger.run_id})
     with ServerProcess(model_dir, data_dir / "coupons.csv", workers=profile["workers"] or None,
-                       log_path=out / "server.log") as server:
+                       log_path=out / "server.log", env=server_env) as server:
+        if ledger is not None:
+            ledger.create_campaign(server.url)
         before, cpu_before = serverstats.scrape(server.url), server.cpu_seconds()
         code = run_locust(server.url, profile, duration_s, out, env)
         cpu_after, after = server.cpu_seconds(), serverstats.scrape(server.url)
@@ -183,11 +212,18 @@ def main(argv=None) -> int:
     server_figures = {
         "workers": workers, "requests": int(answered),
         "cpu_ms_per_request": round((cpu_after - cpu_before) / answered * 1e3, 3) if answered else None,
-        "latency_ms": {name: serverstats.latency_ms(serverstats.diff(serverstats.histogram(after, name),
-                                                                     serverstats.histogram(before, name)))
-                       for name in ("/v1/score", "/v1/score:batch", "/v1/profile")},
+        "latency_ms": {name: serverstats.latency_ms(serverstats.diff(serverstats.histogram(after, name, ok),
+                                                                     serverstats.histogram(before, name, ok)))
+                       for name in SCENARIOS[profile["scenario"]][2] for ok in [CREATED.get(name, "200")]},
     }
-    summary, violations = evaluate(read_stats(out / "locust_stats.csv"), profile, duration_s, server_figures, source)
+    stats = read_stats(out / "locust_stats.csv")
+    summary, violations = evaluate(stats, profile, duration_s, server_figures, source)
+    if ledger is not None:
+        served = {name: int(serverstats.diff(serverstats.histogram(after, name),
+                                             serverstats.histogram(before, name))[1])
+                  for name in ("/v1/issue", "/v1/redeem")}
+        summary["ledger"], ledger_violations = ledger.check(stats, served)
+        violations += ledger_violations
     summary.update({"profile": args.profile, "model": str(model_dir), "model_source": source,
                     "wall_s": round(time.perf_counter() - started, 1), "violations": violations,
                     "passed": not violations})
@@ -218,8 +254,98 @@ def format_summary(summary: dict, profile: dict) -> str:
             cells = ", ".join(f"{p} {fig[p]:.2f} ms" + (f" (<= {limits[p]})" if p in limits else "")
                               for p in SERVER_PERCENTILES)
             lines.append(f"  server {name:<16} {fig['requests']:>7} req  {cells}")
+    if "ledger" in summary:
+        lines.append(f"  ledger ({summary['ledger']['backend']}): " +
+                     ", ".join(f"{k} {v}" for k, v in summary["ledger"].items() if k != "backend"))
     lines.append("PASS" if summary["passed"] else "FAIL: " + "; ".join(summary["violations"]))
     return "\n".join(lines)
+
+
+class LedgerRun:
+    """The ledger side of a ledger profile: the database, the campaign, and the check after the run."""
+
+    INVENTORY = 1_000_000  # per coupon: the load test measures the write path, not running out
+
+    def __init__(self, backend: str, url: str, run_id: str, coupon_ids: list[str]):
+        self.backend, self.url, self.run_id, self.coupon_ids = backend, url, run_id, coupon_ids
+        self.campaign_id = f"loadtest-{run_id}"
+        self.admin_token = uuid.uuid4().hex
+
+    @classmethod
+    def prepare(cls, backend: str, ledger_url: str | None, out: Path, data_dir: Path) -> "LedgerRun":
+        if backend == "sqlite":
+            db = (out / "ledger.db").resolve()
+            for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+                stale.unlink(missing_ok=True)
+            url = f"sqlite:///{db}"
+        else:
+            url = ledger_url or os.environ.get("EDGECOUPON_TEST_PG_URL", "")
+            if not url:
+                raise SystemExit("a postgresql ledger profile needs --ledger-url or EDGECOUPON_TEST_PG_URL "
+                                 "(bash scripts/ensure_postgres.sh starts one on 127.0.0.1)")
+        with open(data_dir / "coupons.csv", newline="") as fh:
+            coupon_ids = list(dict.fromkeys(r["coupon_id"].strip() for r in csv.DictReader(fh) if r.get("coupon_id")))
+        return cls(backend, url, time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6], coupon_ids)
+
+    def server_env(self) -> dict[str, str]:
+        return {"EDGECOUPON_LEDGER_URL": self.url, "EDGECOUPON_ADMIN_TOKEN": self.admin_token}
+
+    def create_campaign(self, base_url: str) -> None:
+        body = {"campaign_id": self.campaign_id, "name": "load test", "budget": 1e12, "holdout_share": 0.1,
+                "exploration_share": 0.05,
+                "coupons": [{"coupon_id": c, "inventory": self.INVENTORY} for c in self.coupon_ids]}
+        request = urllib.request.Request(base_url + "/v1/admin/campaigns", data=json.dumps(body).encode(),
+                                         method="POST", headers={"Content-Type": "application/json",
+                                                                 "Authorization": f"Bearer {self.admin_token}"})
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            if resp.status != 201:
+                raise RuntimeError(f"creating the campaign answered {resp.status}")
+        log.info("campaign %s created on the %s ledger", self.campaign_id, self.backend)
+
+    def check(self, stats: dict[str, dict[str, str]], served: dict[str, int]) -> tuple[dict[str, Any], list[str]]:
+        """The ledger against what clients were told and what the server answered.
+
+        Lower bounds: every issue and redemption a client saw answered is recorded (locust's CSV, which can
+        lag its final counts by the last requests, so it is a lower bound). Upper bounds: the server's own
+        count of 200 answers (``served``, from /metrics; issue retries answer 200 without a new decision).
+        """
+        from server.ledger import Ledger
+
+        def answered(name: str) -> tuple[int, int]:
+            row = stats.get(name)
+            return (0, 0) if row is None else (int(row["Request Count"]) - int(row["Failure Count"]),
+                                               int(row["Request Count"]))
+
+        issued_ok, _ = answered("/v1/issue")
+        redeemed_ok, _ = answered("/v1/redeem")
+        led = Ledger(self.url)
+        try:
+            decisions = led.query("SELECT COUNT(*) AS n FROM decisions WHERE campaign_id = ?", (self.campaign_id,))
+            redemptions = led.query("SELECT COUNT(*) AS n FROM redemptions r JOIN decisions d "
+                                    "ON d.decision_id = r.decision_id WHERE d.campaign_id = ?", (self.campaign_id,))
+            camp = led.campaign(self.campaign_id) or {"coupons": []}
+            given = {r["coupon_id"]: int(r["n"]) for r in led.query(
+                "SELECT coupon_id, COUNT(*) AS n FROM decisions WHERE campaign_id = ? AND coupon_id IS NOT NULL "
+                "GROUP BY coupon_id", (self.campaign_id,))}
+        finally:
+            led.close()
+        n_decisions, n_redemptions = int(decisions[0]["n"]), int(redemptions[0]["n"])
+        oversold = [c["coupon_id"] for c in camp["coupons"]
+                    if c["inventory"] - c["remaining"] != given.get(c["coupon_id"], 0)]
+        figures = {"backend": self.backend, "decisions": n_decisions, "issues_answered": issued_ok,
+                   "redemptions": n_redemptions, "redeems_answered": redeemed_ok,
+                   "coupons_given": sum(given.values())}
+        violations = []
+        figures.update({"issues_served": served["/v1/issue"], "redeems_served": served["/v1/redeem"]})
+        if not issued_ok <= n_decisions <= served["/v1/issue"]:
+            violations.append(f"ledger: {n_decisions} decisions, but clients saw {issued_ok} issues answered and "
+                              f"the server answered {served['/v1/issue']} (retries included)")
+        if not redeemed_ok <= n_redemptions <= served["/v1/redeem"]:
+            violations.append(f"ledger: {n_redemptions} redemptions recorded, clients saw {redeemed_ok} answered, "
+                              f"the server answered {served['/v1/redeem']}")
+        if oversold:
+            violations.append(f"ledger: inventory accounting off for {oversold[:5]}")
+        return figures, violations
 
 
 if __name__ == "__main__":
