@@ -55,8 +55,11 @@ def _median_threshold_policy(scorer: Scorer, requests_, **kwargs) -> Policy:
     """A policy whose threshold is the median user's best net score: about half the users get no coupon,
     whatever the tiny model predicts."""
     base = make_policy(0.2, scorer.coupon_ids, margin=0.3, order_value=ORDER_VALUE, **kwargs)
-    best = [float(np.max(_by_hand(scorer, r, base)[1])) for r in requests_]
-    return dataclasses.replace(base, min_value_threshold=float(np.median(best)))
+    best = sorted(float(np.max(_by_hand(scorer, r, base)[1])) for r in requests_)
+    # halfway between two users' best scores, never equal to one: a score at the threshold itself could
+    # land on either side of it in batch vs single inference (float32 rounding)
+    middle = len(best) // 2
+    return dataclasses.replace(base, min_value_threshold=(best[middle - 1] + best[middle]) / 2)
 
 
 def test_profit_needs_a_policy_and_other_objectives_are_unchanged(scorer, requests_):
@@ -98,7 +101,9 @@ def test_profit_lists_the_coupons_worth_giving_best_first(scorer, requests_):
             assert ranked[0]["coupon_id"] == ids[choice]  # the first entry is the decision
             for r in ranked:
                 j = ids.index(r["coupon_id"])
-                assert r["score"] == pytest.approx(net[j], rel=1e-9, abs=1e-12)
+                # by hand goes through single-user inference, score_many through one batch: float32
+                # outputs of onnxruntime agree to ~1e-7 relative across batch shapes, not to the last bit
+                assert r["score"] == pytest.approx(net[j], rel=1e-5, abs=1e-7)
                 assert r["expected_spend"] == pytest.approx(r["p_redeem"] * scorer.coupons[scorer.coupon_ids.index(r["coupon_id"])]["cost"])
                 assert r["expected_value"] == pytest.approx(r["uplift"] * policy.margin * ov - r["expected_spend"])
                 assert r["score"] == pytest.approx(r["expected_value"] - policy.lam * r["expected_spend"])
