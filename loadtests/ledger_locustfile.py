@@ -21,37 +21,28 @@ collide in a shared PostgreSQL ledger).
 from __future__ import annotations
 
 import os
-import random
 import uuid
 
 import orjson
-from locust import FastHttpUser, constant_throughput, task
+from locust import task
 
-from loadtests.locustfile import JSON_HEADERS, pool
+from loadtests.locustfile import PacedClient
 
 CAMPAIGN = os.environ.get("LOADTEST_CAMPAIGN", "loadtest")
 RUN_ID = os.environ.get("LOADTEST_RUN_ID") or uuid.uuid4().hex[:8]
 MAX_REMEMBERED = 200  # answered decisions a simulated client keeps for retries and redemptions
 
 
-class LedgerUser(FastHttpUser):
+class LedgerUser(PacedClient):
     """A platform backend asking for coupons, then reporting redemptions and purchases."""
 
-    wait_time = constant_throughput(float(os.environ.get("LOADTEST_USER_RATE", "5")))
-    connection_timeout = 10.0
-    network_timeout = 10.0
-
     def on_start(self) -> None:
-        self.rng = random.Random()
-        self.payloads = pool()
+        super().on_start()
         self.issued: list[tuple[bytes, dict]] = []  # (the issue body sent, the decision answered)
         self.redeemable: list[dict] = []  # decisions with a coupon, not redeemed yet
         self.redeemed: list[str] = []  # decision ids redeemed by this client
         self.prefix = f"{RUN_ID}-{uuid.uuid4().hex[:6]}"
         self.sent = 0
-
-    def _post(self, path: str, body: bytes, name: str):
-        return self.client.post(path, data=body, headers=JSON_HEADERS, name=name, catch_response=True)
 
     def _issue_body(self) -> tuple[bytes, float | None]:
         user = self.rng.choice(self.payloads.users)

@@ -59,9 +59,10 @@ def _check_ok(resp) -> None:
         resp.failure(f"expected 200 with a JSON object, got {resp.status_code}: {(resp.content or b'')[:200]!r}")
 
 
-class ScoringUser(FastHttpUser):
-    """Mixed traffic of an edge server or sidecar."""
+class PacedClient(FastHttpUser):
+    """A client of the service that paces itself to ``LOADTEST_USER_RATE`` requests/s (the scenarios' base)."""
 
+    abstract = True  # locust runs the scenarios below, never this class itself
     wait_time = constant_throughput(float(os.environ.get("LOADTEST_USER_RATE", "5")))
     # HTTP/1.1 keep-alive as a sidecar would; gunicorn's sync workers close after each response anyway
     connection_timeout = 10.0
@@ -73,6 +74,10 @@ class ScoringUser(FastHttpUser):
 
     def _post(self, path: str, body: bytes, name: str):
         return self.client.post(path, data=body, headers=JSON_HEADERS, name=name, catch_response=True)
+
+
+class ScoringUser(PacedClient):
+    """Mixed traffic of an edge server or sidecar."""
 
     @task(70)
     def score(self) -> None:

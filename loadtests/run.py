@@ -60,6 +60,9 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, help="simulator data directory (instead of the artifacts)")
     parser.add_argument("--out", type=Path, help="report directory (default: reports/loadtest-<profile>)")
     parser.add_argument("--duration", type=float, help="override the profile's duration_s")
+    parser.add_argument("--users", type=int, help="override the profile's simulated clients (e.g. to find the "
+                                                  "saturation throughput; the gates stay the profile's)")
+    parser.add_argument("--user-rate", type=float, help="override the profile's requests/s per client")
     parser.add_argument("--ledger-url", help="PostgreSQL URL of a ledger profile (default: $EDGECOUPON_TEST_PG_URL)")
     return parser.parse_args(argv)
 
@@ -170,6 +173,10 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = get_args(argv)
     profile = load_profile(args.thresholds, args.profile)
+    if args.users is not None:
+        profile["users"] = profile["spawn_rate"] = args.users
+    if args.user_rate is not None:
+        profile["user_rate"] = args.user_rate
     duration_s = float(args.duration or profile["duration_s"])
     out = args.out or Path("reports") / f"loadtest-{args.profile}"
     out.mkdir(parents=True, exist_ok=True)
