@@ -81,12 +81,15 @@ def main(argv=None) -> int:
     with torch.no_grad():
         coupon_vectors = model.coupon_tower(*(torch.from_numpy(v) for v in coupon_features(catalog, spec).values()))
 
-    def torch_score(events):  # the same featurizer and ranking work as the runtime, with torch inference
+    int8 = scorers["int8"]
+    everyone = np.arange(len(catalog))
+
+    def torch_score(events):  # the same featurizer and ranked answer as the runtime, with torch inference
         seq = collate([featurize_one(events, spec, None)])
         with torch.no_grad():
             _, p_redeem, p_buy, p_control = serving(*(torch.from_numpy(seq[k]) for k in SEQUENCE_INPUTS), coupon_vectors)
-        uplift = (p_buy - p_control[:, None]).numpy()[0]
-        return np.argsort(-uplift)
+        out = {"p_redeem": p_redeem.numpy(), "p_buy": p_buy.numpy(), "p_buy_control": p_control.numpy()}
+        return int8._rank(out, 0, everyone, everyone, int8.coupons, None, "uplift")
 
     engines = {"torch_eager": torch_score,
                "ort_fp32": lambda e: scorers["fp32"].score(e),

@@ -2,7 +2,7 @@
 
 The model directory is the contract with the runtime::
 
-    model.onnx          int8 (dynamically quantized) scorer: sequence + coupon vectors -> probabilities
+    model.onnx          int8-weight scorer: sequence + coupon vectors -> probabilities
     model_fp32.onnx     the fp32 scorer it was quantized from (reference, benchmarks)
     coupon_tower.onnx   coupon terms -> coupon vectors, run once per catalog load (fp32: it is tiny)
     manifest.json       inputs/outputs, feature spec, version, quantization, parity figures, sha256s
@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -29,12 +30,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 from runtime.features import COUPON_INPUTS, SEQUENCE_INPUTS, FeatureSpec, coupon_features, featurize_batch
 from runtime.scorer import MANIFEST, MODEL_FORMAT, OUTPUTS, session_options
-from training.model import CouponModel, CouponTowerExport, ServingModel
+from training.model import COUPON_TERMS, PAD, CouponModel, CouponTowerExport, ServingModel, cross_features, user_aggregates
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +53,82 @@ class ExportConfig:
     fp32_tolerance: float = 1e-4  # max |torch - onnxruntime fp32| over every output
     max_auc_drop: float = 0.003  # max AUC(fp32) - AUC(int8), per head, on held-out users
     min_top1_agreement: float = 0.97  # share of held-out users whose top coupon by uplift is the same
-    # "weight_only": int8 weights, fp32 activations (MatMulNBits + int8 embedding tables): a user's
-    # scores do not depend on who else is in the batch, and accuracy stays near fp32.
+    # "weight_only": int8 weights, fp32 activations (MatMul weights int8 per output column, see
+    # quantize_matmul_weights, + int8 embedding tables): a user's scores do not depend on who else is in
+    # the batch, and accuracy stays near fp32.
     # "dynamic": onnxruntime's quantize_dynamic, int8 activations with per-batch scales (batch-dependent).
     method: str = "weight_only"
-    block_size: int = 32  # weight_only: weights per int8 scale along the reduction axis (power of 2, >= 16)
     per_channel: bool = True  # per-output-channel weight scales: better accuracy at the same size
     quantize_ops: tuple[str, ...] = ("MatMul", "Gemm", "Gather")  # dynamic: ops to quantize (Gather: the tables)
     keep_heads_fp32: bool = True  # leave the user x coupon heads (everything after `profile`) in fp32
     max_eval_users: int = 4000  # held-out users for the fp32 vs int8 comparison
+
+
+class LeanServingModel(torch.nn.Module):
+    """The graph that is exported: :class:`ServingModel`'s function with less work per request.
+
+    The outputs only read the encoder's last (USER) position, and in the last Transformer block no
+    other position feeds anything later. So that block computes keys and values for every position but
+    the query, attention, projection and MLP for the USER row only: about 40% of the encoder's matrix
+    work and a third of its activations go. Same weights (the last block's qkv weight is split into
+    its query and key/value rows), same arithmetic; the export checks this graph against the original
+    ``ServingModel`` in torch (``fp32_tolerance``) before writing anything.
+    """
+
+    def __init__(self, model: CouponModel):
+        super().__init__()
+        self.model = model
+        last = model.encoder.blocks[-1].attn
+        d = last.proj.in_features
+        # split once here (not sliced in the graph) so the quantizer sees plain MatMul weight initializers
+        self.last_q = torch.nn.Linear(d, d)
+        self.last_kv = torch.nn.Linear(d, 2 * d)
+        with torch.no_grad():
+            self.last_q.weight.copy_(last.qkv.weight[:d])
+            self.last_q.bias.copy_(last.qkv.bias[:d])
+            self.last_kv.weight.copy_(last.qkv.weight[d:])
+            self.last_kv.bias.copy_(last.qkv.bias[d:])
+
+    def _profile(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric) -> torch.Tensor:
+        """``UserEncoder.forward(...)[:, -1]`` (see training.model), last block on the USER row only."""
+        enc = self.model.encoder
+        t = event_ids.shape[1]
+        idx = torch.arange(t, device=event_ids.device)
+        positions = (t - 1) - idx
+        x = (enc.event_emb(event_ids) + enc.category_emb(category_ids) + enc.item_emb(item_ids)
+             + enc.recency_emb(recency_ids) + enc.price_emb(price_ids) + enc.numeric(seq_numeric)
+             + enc.pos_emb(positions)[None])  # [B, T, D]
+        causal = idx[None, :] <= idx[:, None]
+        real = (event_ids != PAD)[:, None, None, :]  # [B, 1, 1, T]
+        diag = idx[None, :] == idx[:, None]
+        bias = torch.where((causal[None, None] & real) | diag[None, None], 0.0, -1e4).to(x.dtype)
+        for block in enc.blocks[:-1]:
+            x = block(x, bias)
+        block = enc.blocks[-1]
+        b, _, d = x.shape
+        nh = block.attn.n_heads
+        hd = d // nh
+        h = block.ln1(x)
+        q = self.last_q(h[:, -1:]).view(b, 1, nh, hd).transpose(1, 2)  # [B, nh, 1, hd]
+        k, v = self.last_kv(h).split(d, dim=2)  # each [B, T, D]
+        k = k.view(b, t, nh, hd).transpose(1, 2)
+        v = v.view(b, t, nh, hd).transpose(1, 2)
+        # the USER row of the mask: every real key (causal allows all of them) and its own diagonal
+        user_bias = bias[:, :, -1:, :]  # [B, 1, 1, T]
+        att = F.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd)) + user_bias, dim=-1)
+        y = x[:, -1:] + block.attn.proj((att @ v).transpose(1, 2).reshape(b, 1, d))  # [B, 1, D]
+        y = y + block.mlp(block.ln2(y))
+        kinds = torch.arange(enc.counts.in_features, device=event_ids.device)
+        kinds = torch.where(kinds == PAD, -1, kinds)
+        counts = (event_ids[:, :, None] == kinds).sum(dim=1).to(x.dtype)  # [B, K]
+        return enc.ln_f(y[:, 0] + enc.counts(torch.log1p(counts)))  # [B, D]
+
+    def forward(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric, coupon_vectors):
+        profile = self._profile(event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric)
+        user = user_aggregates(event_ids, seq_numeric)
+        cross = cross_features(event_ids, category_ids, user, coupon_vectors[:, -COUPON_TERMS:])
+        redeem_logit, buy_logit, control_logit = self.model.heads(profile, coupon_vectors, user, cross)
+        return profile, torch.sigmoid(redeem_logit), torch.sigmoid(buy_logit), torch.sigmoid(control_logit)
 
 
 def sha256_file(path: Path) -> str:
@@ -112,6 +181,96 @@ def head_nodes(model_path: Path, source: str = "profile") -> list[str]:
     return names
 
 
+def fuse_gelu(path: Path) -> int:
+    """In place: the exporter's erf GELU, ``x * (0.5 * (erf(x / sqrt(2)) + 1))`` (5 nodes), -> one Gelu node.
+
+    onnxruntime's own GELU fusion does not match this operand order, and on a request this small each
+    node costs about as much to dispatch as to compute. ``com.microsoft.Gelu`` is the same erf GELU
+    (onnxruntime's CPU contrib op); the fp32 parity check covers the rewrite. Returns the fusions made.
+    """
+    model = onnx.load(str(path))
+    graph = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in graph.output}
+
+    def const(name: str, value: float) -> bool:
+        return name in consts and consts[name].size == 1 and abs(float(consts[name].reshape(())) - value) < 1e-6
+
+    def only_user(name: str, op_type: str):
+        found = users.get(name, [])
+        return found[0] if len(found) == 1 and found[0].op_type == op_type and name not in graph_outputs else None
+
+    drop, replace = set(), {}
+    for div in graph.node:
+        if div.op_type != "Div" or not const(div.input[1], math.sqrt(2.0)):
+            continue
+        x = div.input[0]
+        erf = only_user(div.output[0], "Erf")
+        add = erf and only_user(erf.output[0], "Add")
+        half = add and only_user(add.output[0], "Mul")
+        out = half and only_user(half.output[0], "Mul")
+        if not (out and const(next(i for i in add.input if i != erf.output[0]), 1.0)
+                and const(next(i for i in half.input if i != add.output[0]), 0.5) and x in out.input):
+            continue
+        drop.update(id(n) for n in (div, erf, add, half))
+        replace[id(out)] = helper.make_node("Gelu", [x], [out.output[0]], name=f"{out.name}_gelu", domain="com.microsoft")
+    if replace:
+        nodes = [replace.get(id(n), n) for n in graph.node if id(n) not in drop]
+        del graph.node[:]
+        graph.node.extend(nodes)
+        used = {i for n in nodes for i in n.input}
+        kept = [i for i in graph.initializer if i.name in used]  # the dropped nodes' constants (sqrt 2, ...)
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+        if not any(o.domain == "com.microsoft" for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        onnx.save(model, str(path))
+    return len(replace)
+
+
+def quantize_matmul_weights(model: onnx.ModelProto, excluded: set[str]) -> int:
+    """In place: each MatMul's constant 2-D fp32 weight -> int8 + a DequantizeLinear in front of the MatMul.
+
+    Symmetric, one scale per output column (zero point 0): ``W ~= scale[n] * q[:, n]``. Activations
+    are untouched, so a user's scores cannot depend on the rest of the batch. onnxruntime folds each
+    DequantizeLinear of a constant into an fp32 weight once at load (the runtime's ``session_options``
+    turn off its QDQ fusions, which would otherwise turn the pair into MatMulNBits): the file is int8,
+    inference runs the fp32 kernels. Why not MatMulNBits: its 8-bit kernel was ~35% slower per request
+    than fp32 MatMul on these 64-wide matrices. Returns how many weights were quantized.
+    """
+    weights = {init.name: init for init in model.graph.initializer}
+    nodes, added, count = [], [], 0
+    for node in model.graph.node:
+        name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if name in weights and node.name not in excluded:
+            w = numpy_helper.to_array(weights[name])
+            if w.ndim == 2 and w.dtype == np.float32:
+                scale = (np.abs(w).max(axis=0) / 127.0).astype(np.float32)
+                scale[scale == 0] = 1.0  # an all-zero column: any scale represents it exactly
+                q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+                added += [numpy_helper.from_array(q, f"{name}_int8"), numpy_helper.from_array(scale, f"{name}_scale"),
+                          numpy_helper.from_array(np.zeros(w.shape[1], np.int8), f"{name}_zero_point")]
+                nodes.append(helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale", f"{name}_zero_point"],
+                                              [f"{name}_dequantized"], name=f"{node.name}_weight_dq", axis=1))
+                node.input[1] = f"{name}_dequantized"
+                count += 1
+        nodes.append(node)
+    used = {i for node in nodes for i in node.input}
+    kept = [init for init in model.graph.initializer if init.name in used] + added
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)  # each DequantizeLinear sits just before its MatMul: still topological
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return count
+
+
 def quantize(src: Path, dst: Path, config: ExportConfig, excluded: list[str]) -> None:
     """fp32 ONNX -> int8 ONNX by ``config.method`` (see ExportConfig), leaving ``excluded`` nodes fp32."""
     if config.method not in QUANTIZATION_METHODS:
@@ -122,12 +281,11 @@ def quantize(src: Path, dst: Path, config: ExportConfig, excluded: list[str]) ->
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=config.per_channel,
                              op_types_to_quantize=list(config.quantize_ops), nodes_to_exclude=excluded)
             return
-        # MatMul weights -> MatMulNBits (8 bit, symmetric, block-wise scales; activations stay fp32)
-        matmul = MatMulNBitsQuantizer(onnx.load(str(src)), bits=8, block_size=config.block_size, is_symmetric=True,
-                                      nodes_to_exclude=excluded, op_types_to_quantize=("MatMul",))
-        matmul.process()
+        # MatMul weights -> int8 + DequantizeLinear (see quantize_matmul_weights; activations stay fp32)
+        model = onnx.load(str(src))
+        quantize_matmul_weights(model, set(excluded))
         staged = dst.with_name(dst.stem + ".matmul.onnx")
-        matmul.model.save_model_to_file(str(staged), use_external_data_format=False)
+        onnx.save(model, str(staged))
         # embedding tables -> int8 + DequantizeLinear after the lookup: still weight-only
         quantize_dynamic(str(staged), str(dst), weight_type=QuantType.QInt8, per_channel=config.per_channel,
                          op_types_to_quantize=["Gather"], nodes_to_exclude=excluded)
@@ -200,7 +358,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
     out_dir = Path(out_dir)
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
-        serving, tower = ServingModel(model).eval(), CouponTowerExport(model).eval()
+        serving, tower = ServingModel(model).eval(), CouponTowerExport(model).eval()  # serving: the reference
+        lean = LeanServingModel(model).eval()  # what is exported: the same function, less work (checked below)
         coupons = coupon_features(ckpt["coupons"], spec)
         example = parity_cases(spec)["mixed_batch"]
         with torch.no_grad():
@@ -209,12 +368,13 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
                             (("batch", 65536), ("seq", spec.max_len + 1), ("candidates", 65536)))
         seq_shapes = {name: {0: batch, 1: seq} for name in SEQUENCE_INPUTS}
         log.info("exporting the scorer graph to ONNX (opset %d)", OPSET)
-        _export(serving, tuple(torch.from_numpy(example[k]) for k in SEQUENCE_INPUTS) + (coupon_vectors_t,),
+        _export(lean, tuple(torch.from_numpy(example[k]) for k in SEQUENCE_INPUTS) + (coupon_vectors_t,),
                 list(SEQUENCE_INPUTS) + ["coupon_vectors"], list(OUTPUTS),
                 {**seq_shapes, "coupon_vectors": {0: cand}}, work / "model_fp32.onnx")
         n_coupons = torch.export.Dim("coupons", min=1, max=65536)
         _export(tower, tuple(torch.from_numpy(coupons[k]) for k in COUPON_INPUTS), list(COUPON_INPUTS),
                 ["coupon_vectors"], {k: {0: n_coupons} for k in COUPON_INPUTS}, work / "coupon_tower.onnx")
+        log.info("fused %d GELUs", fuse_gelu(work / "model_fp32.onnx"))
         for name in ("model_fp32.onnx", "coupon_tower.onnx"):
             onnx.checker.check_model(onnx.load(str(work / name)), full_check=True)
 
@@ -276,7 +436,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
             "opset": OPSET,
             "quantization": {"method": config.method, "weight_type": "int8",
                              "activations": "fp32" if config.method == "weight_only" else "int8 (dynamic)",
-                             "block_size": config.block_size if config.method == "weight_only" else None,
+                             "matmul_scales": "per output column" if config.method == "weight_only" else None,
                              "per_channel": config.per_channel,
                              "op_types": (["MatMul", "Gather"] if config.method == "weight_only"
                                           else list(config.quantize_ops)),

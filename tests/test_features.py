@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from runtime.features import (CATEGORY_ALL, CATEGORY_OOV, PAD, USER_TOKEN, FeatureError, FeatureSpec, coupon_features,
-                              featurize, featurize_batch, featurize_one, parse_ts)
+from runtime.features import (CATEGORY_ALL, CATEGORY_OOV, PAD, USER_TOKEN, FeatureError, FeatureSpec, collate,
+                              coupon_features, featurize, featurize_batch, featurize_one, parse_ts)
 
 SPEC = FeatureSpec(max_len=5, n_item_buckets=64, categories=["shoes", "books"])
 NOW = 1_700_100_000
@@ -118,3 +118,16 @@ def test_spec_round_trips_and_rejects_unknown_keys():
     assert FeatureSpec.from_dict(SPEC.to_dict()) == SPEC
     with pytest.raises(ValueError, match="unknown"):
         FeatureSpec.from_dict({**SPEC.to_dict(), "surprise": 1})
+
+
+def test_collate_of_one_sequence_equals_the_padding_path():
+    spec = FeatureSpec(categories=["a", "b"])
+    events = [{"ts": 1_700_000_000 + i, "event": "view", "item_id": f"i{i}", "category": "ab"[i % 2],
+               "price": None if i % 3 else 5.0} for i in range(7)]
+    single = featurize_one(events, spec)
+    fast = collate([single])  # a batch of one without padding: views, no copy
+    padded = collate([single], length=len(single["event_ids"]) + 2)  # the general path
+    for name, value in fast.items():
+        assert value.shape == (1,) + single[name].shape and value.dtype == single[name].dtype
+        np.testing.assert_array_equal(value, padded[name][:, 2:])
+        assert not padded[name][:, :2].any()

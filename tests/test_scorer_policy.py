@@ -111,10 +111,20 @@ def test_profit_lists_the_coupons_worth_giving_best_first(scorer, requests_):
         assert 0 < empty < len(requests_)  # both answers occur
         # one request at a time gives the same answers as the batch, and k keeps the best k
         for request, ranked in zip(requests_[:8], results[:8]):
-            assert scorer.score(request["events"], now=request["now"], objective="profit") == ranked
-            assert scorer.score(request["events"], now=request["now"], objective="profit", k=1) == ranked[:1]
+            _same_answer(scorer.score(request["events"], now=request["now"], objective="profit"), ranked)
+            _same_answer(scorer.score(request["events"], now=request["now"], objective="profit", k=1), ranked[:1])
     finally:
         scorer.set_policy(None)
+
+
+def _same_answer(single: list[dict], batched: list[dict]) -> None:
+    """The same coupons in the same order with the same figures, up to float32 rounding: a batch and a
+    single request run different kernel shapes, which agree to ~1e-7, not always to the last bit."""
+    assert [c["coupon_id"] for c in single] == [c["coupon_id"] for c in batched]
+    for a, b in zip(single, batched):
+        assert a.keys() == b.keys()
+        for key in a.keys() - {"coupon_id"}:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
 
 
 def test_nothing_is_worth_an_infinitely_expensive_budget(scorer, requests_):
