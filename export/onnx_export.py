@@ -30,13 +30,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from runtime.features import COUPON_INPUTS, SEQUENCE_INPUTS, FeatureSpec, coupon_features, featurize_batch
 from runtime.scorer import MANIFEST, MODEL_FORMAT, OUTPUTS, session_options
-from training.model import COUPON_TERMS, PAD, CouponModel, CouponTowerExport, ServingModel, cross_features, user_aggregates
+from training.model import CouponModel, CouponTowerExport, ServingModel
 
 log = logging.getLogger(__name__)
 
@@ -62,73 +61,6 @@ class ExportConfig:
     quantize_ops: tuple[str, ...] = ("MatMul", "Gemm", "Gather")  # dynamic: ops to quantize (Gather: the tables)
     keep_heads_fp32: bool = True  # leave the user x coupon heads (everything after `profile`) in fp32
     max_eval_users: int = 4000  # held-out users for the fp32 vs int8 comparison
-
-
-class LeanServingModel(torch.nn.Module):
-    """The graph that is exported: :class:`ServingModel`'s function with less work per request.
-
-    The outputs only read the encoder's last (USER) position, and in the last Transformer block no
-    other position feeds anything later. So that block computes keys and values for every position but
-    the query, attention, projection and MLP for the USER row only: about 40% of the encoder's matrix
-    work and a third of its activations go. Same weights (the last block's qkv weight is split into
-    its query and key/value rows), same arithmetic; the export checks this graph against the original
-    ``ServingModel`` in torch (``fp32_tolerance``) before writing anything.
-    """
-
-    def __init__(self, model: CouponModel):
-        super().__init__()
-        self.model = model
-        last = model.encoder.blocks[-1].attn
-        d = last.proj.in_features
-        # split once here (not sliced in the graph) so the quantizer sees plain MatMul weight initializers
-        self.last_q = torch.nn.Linear(d, d)
-        self.last_kv = torch.nn.Linear(d, 2 * d)
-        with torch.no_grad():
-            self.last_q.weight.copy_(last.qkv.weight[:d])
-            self.last_q.bias.copy_(last.qkv.bias[:d])
-            self.last_kv.weight.copy_(last.qkv.weight[d:])
-            self.last_kv.bias.copy_(last.qkv.bias[d:])
-
-    def _profile(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric) -> torch.Tensor:
-        """``UserEncoder.forward(...)[:, -1]`` (see training.model), last block on the USER row only."""
-        enc = self.model.encoder
-        t = event_ids.shape[1]
-        idx = torch.arange(t, device=event_ids.device)
-        positions = (t - 1) - idx
-        x = (enc.event_emb(event_ids) + enc.category_emb(category_ids) + enc.item_emb(item_ids)
-             + enc.recency_emb(recency_ids) + enc.price_emb(price_ids) + enc.numeric(seq_numeric)
-             + enc.pos_emb(positions)[None])  # [B, T, D]
-        causal = idx[None, :] <= idx[:, None]
-        real = (event_ids != PAD)[:, None, None, :]  # [B, 1, 1, T]
-        diag = idx[None, :] == idx[:, None]
-        bias = torch.where((causal[None, None] & real) | diag[None, None], 0.0, -1e4).to(x.dtype)
-        for block in enc.blocks[:-1]:
-            x = block(x, bias)
-        block = enc.blocks[-1]
-        b, _, d = x.shape
-        nh = block.attn.n_heads
-        hd = d // nh
-        h = block.ln1(x)
-        q = self.last_q(h[:, -1:]).view(b, 1, nh, hd).transpose(1, 2)  # [B, nh, 1, hd]
-        k, v = self.last_kv(h).split(d, dim=2)  # each [B, T, D]
-        k = k.view(b, t, nh, hd).transpose(1, 2)
-        v = v.view(b, t, nh, hd).transpose(1, 2)
-        # the USER row of the mask: every real key (causal allows all of them) and its own diagonal
-        user_bias = bias[:, :, -1:, :]  # [B, 1, 1, T]
-        att = F.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd)) + user_bias, dim=-1)
-        y = x[:, -1:] + block.attn.proj((att @ v).transpose(1, 2).reshape(b, 1, d))  # [B, 1, D]
-        y = y + block.mlp(block.ln2(y))
-        kinds = torch.arange(enc.counts.in_features, device=event_ids.device)
-        kinds = torch.where(kinds == PAD, -1, kinds)
-        counts = (event_ids[:, :, None] == kinds).sum(dim=1).to(x.dtype)  # [B, K]
-        return enc.ln_f(y[:, 0] + enc.counts(torch.log1p(counts)))  # [B, D]
-
-    def forward(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric, coupon_vectors):
-        profile = self._profile(event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric)
-        user = user_aggregates(event_ids, seq_numeric)
-        cross = cross_features(event_ids, category_ids, user, coupon_vectors[:, -COUPON_TERMS:])
-        redeem_logit, buy_logit, control_logit = self.model.heads(profile, coupon_vectors, user, cross)
-        return profile, torch.sigmoid(redeem_logit), torch.sigmoid(buy_logit), torch.sigmoid(control_logit)
 
 
 def sha256_file(path: Path) -> str:
@@ -359,7 +291,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
         serving, tower = ServingModel(model).eval(), CouponTowerExport(model).eval()  # serving: the reference
-        lean = LeanServingModel(model).eval()  # what is exported: the same function, less work (checked below)
+        lean = ServingModel(model, lean=True).eval()  # what is exported: the same function, less work (checked below)
         coupons = coupon_features(ckpt["coupons"], spec)
         example = parity_cases(spec)["mixed_batch"]
         with torch.no_grad():

@@ -82,16 +82,20 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.width, config.width)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``[B, T, D]``; with ``last_only`` only the last (USER) position's query: ``[B, 1, D]``."""
         b, t, d = x.shape
         hd = d // self.n_heads
         q, k, v = self.qkv(x).split(d, dim=2)  # each [B, T, D]
-        q = q.view(b, t, self.n_heads, hd).transpose(1, 2)  # [B, nh, T, hd]
+        if last_only:
+            q, bias = q[:, -1:], bias[:, :, -1:]  # [B, 1, D], [B, 1, 1, T]
+        tq = q.shape[1]  # T, or 1
+        q = q.view(b, tq, self.n_heads, hd).transpose(1, 2)  # [B, nh, Tq, hd]
         k = k.view(b, t, self.n_heads, hd).transpose(1, 2)
         v = v.view(b, t, self.n_heads, hd).transpose(1, 2)
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd)) + bias  # [B, nh, T, T]
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(hd)) + bias  # [B, nh, Tq, T]
         att = self.dropout(F.softmax(att, dim=-1))
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)  # [B, T, D]
+        y = (att @ v).transpose(1, 2).reshape(b, tq, d)  # [B, Tq, D]
         return self.proj(y)
 
 
@@ -104,8 +108,10 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(config.width, 4 * config.width), nn.GELU(),
                                  nn.Linear(4 * config.width, config.width), nn.Dropout(config.dropout))
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``[B, T, D]``; with ``last_only`` the last position's output only, ``[B, 1, D]`` (keys and values
+        still come from every position)."""
+        x = (x[:, -1:] if last_only else x) + self.attn(self.ln1(x), bias, last_only)
         return x + self.mlp(self.ln2(x))
 
 
@@ -132,6 +138,24 @@ class UserEncoder(nn.Module):
 
     def forward(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric) -> torch.Tensor:
         """Return hidden states [B, T, D]; the USER token's state is ``[:, -1]``."""
+        x, bias = self._inputs(event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric)
+        for block in self.blocks:
+            x = block(x, bias)
+        t = event_ids.shape[1]
+        is_user = (torch.arange(t, device=event_ids.device) == t - 1).to(x.dtype)[None, :, None]  # [1, T, 1]
+        return self.ln_f(x + is_user * self._user_extra(event_ids, x.dtype)[:, None, :])  # only USER gets it
+
+    def user_state(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric) -> torch.Tensor:
+        """``forward(...)[:, -1]``, the profile ``[B, D]``, with less work: no later layer reads the last
+        block's other positions, so it runs attention and MLP for the USER row only (the serving graph)."""
+        x, bias = self._inputs(event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric)
+        for block in self.blocks[:-1]:
+            x = block(x, bias)
+        x = self.blocks[-1](x, bias, last_only=True)[:, 0]  # [B, D]
+        return self.ln_f(x + self._user_extra(event_ids, x.dtype))
+
+    def _inputs(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric):
+        """The summed input embeddings ``[B, T, D]`` and the attention bias ``[B, 1, T, T]``."""
         t = event_ids.shape[1]
         idx = torch.arange(t, device=event_ids.device)  # [T]
         positions = (t - 1) - idx  # [T]: T-1 ... 0, the USER token is position 0
@@ -145,17 +169,16 @@ class UserEncoder(nn.Module):
         real = (event_ids != PAD)[:, None, None, :]  # [B, 1, 1, T]
         diag = idx[None, :] == idx[:, None]  # [T, T]
         allowed = (causal[None, None] & real) | diag[None, None]  # [B, 1, T, T]
-        bias = torch.where(allowed, 0.0, -1e4).to(x.dtype)
-        for block in self.blocks:
-            x = block(x, bias)
+        return x, torch.where(allowed, 0.0, -1e4).to(x.dtype)
+
+    def _user_extra(self, event_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``[B, D]`` from the log-counts per event kind, added to the USER state."""
         kinds = torch.arange(self.counts.in_features, device=event_ids.device)  # [K]
         # PAD is not a kind: counting it would make a user's score depend on how much left padding
         # the batch gave them (i.e. on who else is in the batch)
         kinds = torch.where(kinds == PAD, -1, kinds)
-        counts = (event_ids[:, :, None] == kinds).sum(dim=1).to(x.dtype)  # [B, K]
-        user_extra = self.counts(torch.log1p(counts))[:, None, :]  # [B, 1, D]
-        is_user = (idx == t - 1).to(x.dtype)[None, :, None]  # [1, T, 1]: only the USER position gets it
-        return self.ln_f(x + is_user * user_extra)
+        counts = (event_ids[:, :, None] == kinds).sum(dim=1).to(dtype)  # [B, K]
+        return self.counts(torch.log1p(counts))
 
 
 def user_aggregates(event_ids: torch.Tensor, seq_numeric: torch.Tensor) -> torch.Tensor:
@@ -295,9 +318,11 @@ class CouponModel(nn.Module):
     def profile(self, seq: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.encoder(**seq)[:, -1]  # [B, D]
 
-    def score(self, seq: Mapping[str, torch.Tensor], coupon_vectors: torch.Tensor):
-        """(profile [B, D], logits: redeem [B, C], buy [B, C], control [B]) from precomputed coupon vectors."""
-        profile = self.profile(seq)
+    def score(self, seq: Mapping[str, torch.Tensor], coupon_vectors: torch.Tensor, lean: bool = False):
+        """(profile [B, D], logits: redeem [B, C], buy [B, C], control [B]) from precomputed coupon vectors.
+
+        ``lean``: the profile through :meth:`UserEncoder.user_state` (same values, less work; serving)."""
+        profile = self.encoder.user_state(**seq) if lean else self.profile(seq)
         user = user_aggregates(seq["event_ids"], seq["seq_numeric"])
         cross = cross_features(seq["event_ids"], seq["category_ids"], user, coupon_vectors[:, -COUPON_TERMS:])
         return (profile,) + self.heads(profile, coupon_vectors, user, cross)
@@ -315,16 +340,19 @@ class ServingModel(nn.Module):
     """The exported graph: sequence features + precomputed coupon vectors -> probabilities.
 
     Coupon vectors come from the separately exported coupon tower, computed once per catalog load.
+    ``lean=True`` (what export writes) computes the profile with :meth:`UserEncoder.user_state`: the same
+    function with less work per request; the export checks it against the plain one.
     """
 
-    def __init__(self, model: CouponModel):
+    def __init__(self, model: CouponModel, lean: bool = False):
         super().__init__()
         self.model = model
+        self.lean = lean
 
     def forward(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric, coupon_vectors):
         seq = {"event_ids": event_ids, "category_ids": category_ids, "item_ids": item_ids, "recency_ids": recency_ids,
                "price_ids": price_ids, "seq_numeric": seq_numeric}
-        profile, redeem_logit, buy_logit, control_logit = self.model.score(seq, coupon_vectors)
+        profile, redeem_logit, buy_logit, control_logit = self.model.score(seq, coupon_vectors, lean=self.lean)
         return profile, torch.sigmoid(redeem_logit), torch.sigmoid(buy_logit), torch.sigmoid(control_logit)
 
 
