@@ -5,8 +5,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARTIFACTS ?= artifacts
-# the throwaway PostgreSQL server of the ledger's tests and load test (scripts/ensure_postgres.sh)
-PG_URL := postgresql://edgecoupon@127.0.0.1:55432/edgecoupon
 
 .PHONY: install demo test loadtest-ledger pg-stop bench serve loadtest loadtest-ci bench-http bench-allocation clean
 
@@ -25,8 +23,9 @@ demo: $(STAMP)
 ## the test suite (what CI runs)
 test: $(STAMP)
 	bash scripts/ensure_java.sh  # Spark's tests need Java 17+ (installed with apt-get if missing)
-	bash scripts/ensure_postgres.sh  # the ledger's tests run on PostgreSQL 15 too (127.0.0.1:55432, data in .pgdata/)
-	EDGECOUPON_TEST_PG_URL=$(PG_URL) $(BIN)/python -m pytest
+	# the ledger's tests run on PostgreSQL 15 too: a throwaway server on 127.0.0.1 (data in .pgdata/), whose URL
+	# the script prints
+	url=$$(bash scripts/ensure_postgres.sh) && EDGECOUPON_TEST_PG_URL=$$url $(BIN)/python -m pytest
 
 ## stop the test PostgreSQL server `make test` started (its data stays in .pgdata/)
 pg-stop:
@@ -57,8 +56,8 @@ loadtest-ci: $(STAMP)
 ## by scripts/ensure_postgres.sh), each gated on loadtests/thresholds.toml and checked against the ledger after
 loadtest-ledger: $(STAMP)
 	$(BIN)/python -m loadtests --profile ledger-sqlite --artifacts $(ARTIFACTS)
-	bash scripts/ensure_postgres.sh
-	EDGECOUPON_TEST_PG_URL=$(PG_URL) $(BIN)/python -m loadtests --profile ledger-postgresql --artifacts $(ARTIFACTS)
+	url=$$(bash scripts/ensure_postgres.sh) && $(BIN)/python -m loadtests --profile ledger-postgresql \
+		--artifacts $(ARTIFACTS) --ledger-url $$url
 
 ## /v1/score vs a no-op endpoint over HTTP, same gunicorn and load generator (a benchmark, ~2 minutes)
 bench-http: $(STAMP)
