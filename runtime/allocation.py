@@ -348,6 +348,13 @@ def _greedy_fill(values: np.ndarray, costs: np.ndarray, choice: np.ndarray, budg
     return choice, int(changed.sum())
 
 
+def _current(values: np.ndarray, costs: np.ndarray, choice: np.ndarray, rows: np.ndarray):
+    """(has a coupon [N], its value [N], its spend [N]) of an assignment; 0 for users without one."""
+    has = choice >= 0
+    idx = np.maximum(choice, 0)
+    return has, np.where(has, values[rows, idx], 0.0), np.where(has, costs[rows, idx], 0.0)
+
+
 def _exchange(values: np.ndarray, costs: np.ndarray, choice: np.ndarray, budget: float, caps: np.ndarray | None,
               max_rounds: int = 200, pool: int = 128) -> tuple[np.ndarray, int]:
     """1-for-1 exchanges for small instances, where a few users decide the optimum: take a user's
@@ -357,10 +364,7 @@ def _exchange(values: np.ndarray, costs: np.ndarray, choice: np.ndarray, budget:
     changed = np.zeros(n, dtype=bool)
     rows_all = np.arange(n)
     for _ in range(max_rounds):
-        has = choice >= 0
-        idx = np.maximum(choice, 0)
-        cur_v = np.where(has, values[rows_all, idx], 0.0)
-        cur_s = np.where(has, costs[rows_all, idx], 0.0)
+        has, cur_v, cur_s = _current(values, costs, choice, rows_all)
         remaining = budget - float(cur_s.sum())
         assigned = np.flatnonzero(has)
         if not len(assigned):
@@ -423,10 +427,7 @@ def _pair_exchange(values: np.ndarray, costs: np.ndarray, choice: np.ndarray, bu
     changed = np.zeros(n, dtype=bool)
     rows_all = np.arange(n)
     for _ in range(max_rounds):
-        has = choice >= 0
-        idx = np.maximum(choice, 0)
-        cur_v = np.where(has, values[rows_all, idx], 0.0)
-        cur_s = np.where(has, costs[rows_all, idx], 0.0)
+        has, cur_v, cur_s = _current(values, costs, choice, rows_all)
         slack = budget - float(cur_s.sum())
         counts = np.bincount(choice[has], minlength=c)
         assigned = np.flatnonzero(has)

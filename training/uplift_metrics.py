@@ -65,28 +65,28 @@ def _with_origin(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def qini_curve(y_true, uplift, treatment) -> tuple[np.ndarray, np.ndarray]:
-    """Points ``(n targeted, incremental responders)`` of the Qini curve."""
+def _cumulative(y_true, uplift, treatment):
+    """Per group of tied scores, best first: rows targeted ``n``, treated ``n_t`` and control ``n_c`` among
+    them, and their responders ``y_t``, ``y_c`` (the counts both curves are made of)."""
     y, u, t = _check(y_true, uplift, treatment)
     _, ends, (ys, ts) = _sorted_groups(u, y, t)
     n_t = np.cumsum(ts)[ends]
     y_t = np.cumsum(ys * ts)[ends]
     y_c = np.cumsum(ys * (1 - ts))[ends]
     n = ends + 1
-    n_c = n - n_t
+    return n, n_t, n - n_t, y_t, y_c
+
+
+def qini_curve(y_true, uplift, treatment) -> tuple[np.ndarray, np.ndarray]:
+    """Points ``(n targeted, incremental responders)`` of the Qini curve."""
+    n, n_t, n_c, y_t, y_c = _cumulative(y_true, uplift, treatment)
     values = y_t - y_c * np.divide(n_t, n_c, out=np.zeros_like(n_t), where=n_c != 0)
     return _with_origin(n, values)
 
 
 def uplift_curve(y_true, uplift, treatment) -> tuple[np.ndarray, np.ndarray]:
     """Points ``(n targeted, (treated rate - control rate) x n)`` of the uplift curve."""
-    y, u, t = _check(y_true, uplift, treatment)
-    _, ends, (ys, ts) = _sorted_groups(u, y, t)
-    n_t = np.cumsum(ts)[ends]
-    y_t = np.cumsum(ys * ts)[ends]
-    y_c = np.cumsum(ys * (1 - ts))[ends]
-    n = ends + 1
-    n_c = n - n_t
+    n, n_t, n_c, y_t, y_c = _cumulative(y_true, uplift, treatment)
     rate_t = np.divide(y_t, n_t, out=np.zeros_like(y_t), where=n_t != 0)
     rate_c = np.divide(y_c, n_c, out=np.zeros_like(y_c), where=n_c != 0)
     return _with_origin(n, (rate_t - rate_c) * n)
