@@ -112,3 +112,67 @@ def test_thresholds_reject_unknown_keys(tmp_path):
     bad.write_text(THRESHOLDS.read_text().replace("max_error_ratio", "max_eror_ratio", 1))
     with pytest.raises(ValueError, match="unknown keys"):
         load_profile(bad, "full")
+
+
+def _slow_server(delay_s: float):
+    """A one-request-at-a-time HTTP server on 127.0.0.1 that answers ``{}`` after ``delay_s``."""
+    import http.server
+    import threading
+    import time
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            time.sleep(delay_s)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    class Server(http.server.HTTPServer):
+        request_queue_size = 256  # queue in the server, not as dropped SYNs
+
+    server = Server(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _bench_times(tmp_path, url: str, user_class: str, env_extra: dict) -> list[float]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "body.json").write_bytes(b'{"user_id": "u1", "events": []}')
+    times = tmp_path / f"times-{user_class}.json"
+    env = {**os.environ, "BENCH_BODY_FILE": str(tmp_path / "body.json"), "BENCH_PATH": "/v1/score",
+           "BENCH_TIMES_FILE": str(times), **env_extra}
+    locustfile = Path(__file__).resolve().parents[1] / "loadtests" / "bench_locustfile.py"
+    subprocess.run([sys.executable, "-m", "locust", "-f", str(locustfile), user_class, "--headless", "--host", url,
+                    "-u", "1", "-r", "1", "-t", "3s", "--stop-timeout", "1", "--only-summary", "--loglevel", "WARNING"],
+                   env=env, capture_output=True, timeout=60, check=True)
+    samples = json.loads(times.read_text())
+    assert samples and all(ok for _, _, ok in samples)
+    return sorted(ms for _, ms, _ in samples)
+
+
+def test_open_loop_generator_times_from_the_schedule_so_queueing_counts(tmp_path):
+    """The latency figures of bench-http: offered 40 req/s to a server that manages 20, the open-loop
+    user keeps sending on schedule and its response times grow with the queue, where a closed-loop
+    client only ever sees the 50 ms of one request (and so would call the overloaded server healthy)."""
+    server = _slow_server(0.05)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        closed = _bench_times(tmp_path, url, "Bench", {"BENCH_USER_RATE": "0"})
+        opened = _bench_times(tmp_path, url, "OpenLoopBench", {"BENCH_OPEN_RATE": "40"})
+    finally:
+        server.shutdown()
+        server.server_close()
+    closed_p90, open_p90 = closed[int(0.9 * len(closed))], opened[int(0.9 * len(opened))]
+    assert 45 <= closed_p90 < 200  # one request's own time
+    assert open_p90 > 4 * closed_p90  # the queue of the overload shows
+    assert opened[-1] > 500  # about 1.5 s of backlog by the end of a 3 s run at twice the capacity
