@@ -59,7 +59,7 @@ class ExportConfig:
     method: str = "weight_only"
     per_channel: bool = True  # per-output-channel weight scales: better accuracy at the same size
     quantize_ops: tuple[str, ...] = ("MatMul", "Gemm", "Gather")  # dynamic: ops to quantize (Gather: the tables)
-    keep_heads_fp32: bool = True  # leave the user x coupon heads (everything after `profile`) in fp32
+    keep_heads_fp32: bool = True  # leave the user x coupon heads (every node outside the encoder) in fp32
     max_eval_users: int = 4000  # held-out users for the fp32 vs int8 comparison
 
 
@@ -97,20 +97,24 @@ def parity_cases(spec: FeatureSpec) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
-def head_nodes(model_path: Path, source: str = "profile") -> list[str]:
-    """Names of the nodes downstream of ``source``: the user x coupon heads.
+def head_nodes(model_path: Path, encoder_output: str = "profile") -> list[str]:
+    """Names of the nodes outside the user encoder: the user x coupon heads and their features.
 
-    Uplift is a small difference between two probabilities and coupons often sit close together;
-    int8 rounding of the heads' activations flips those near-ties (top-1 agreement fell to ~40% on
-    the demo model), while the heads hold a few percent of the weights. So they stay fp32.
+    The encoder is what ``encoder_output`` depends on; every other node is a head's, whether or not the
+    heads read the profile (``ModelConfig.heads_use_profile``). Uplift is a small difference between
+    two probabilities and coupons often sit close together; int8 rounding of the heads' activations
+    flips those near-ties (top-1 agreement fell to ~40% on the demo model), while the heads hold a
+    few percent of the weights. So they stay fp32.
     """
     graph = onnx.load(str(model_path)).graph
-    reached, names = {source}, []
-    for node in graph.node:  # ONNX graphs are topologically sorted
-        if any(i in reached for i in node.input):
-            names.append(node.name)
-            reached.update(node.output)
-    return names
+    producer = {out: node for node in graph.node for out in node.output}
+    encoder, pending = set(), [encoder_output]
+    while pending:
+        node = producer.get(pending.pop())
+        if node is not None and node.name not in encoder:
+            encoder.add(node.name)
+            pending.extend(node.input)
+    return [node.name for node in graph.node if node.name not in encoder]
 
 
 def fuse_gelu(path: Path) -> int:

@@ -50,8 +50,11 @@ def test_export_manifest_records_checks_and_checksums(tiny_pipeline):
     int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
     # every MatMul with a constant weight outside the fp32 heads reads it through a DequantizeLinear of int8
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8}
-    # tiny model (1 block): numeric, qkv, proj, 2 MLP, cross_proj, wide
-    assert sum(n.op_type == "MatMul" and n.input[1] in dequantized for n in graph.node) >= 7
+    from export.onnx_export import head_nodes
+    quantized = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in dequantized]
+    assert len(quantized) >= 5  # tiny model (1 block): the encoder's numeric, qkv, proj and 2 MLP weights
+    heads = set(head_nodes(tiny_pipeline.model_dir / "model.onnx"))
+    assert heads and not any(n.name in heads for n in quantized)  # cross_proj, wide, hidden, out, control: fp32
     assert "MatMulNBits" not in {n.op_type for n in graph.node}
     assert "Gelu" in {n.op_type for n in graph.node}  # fused (export.onnx_export.fuse_gelu)
     assert [i["name"] for i in manifest["scorer"]["inputs"]][-1] == "coupon_vectors"

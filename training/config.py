@@ -21,6 +21,7 @@ class ModelShape:
     head_hidden: int = 64  # user x coupon interaction width
     dropout: float = 0.1  # encoder dropout while training
     head_dropout: float = 0.2  # coupon-vector and head dropout while fine-tuning
+    heads_use_profile: bool = False  # feed the encoder's profile to the heads (see ModelConfig: worse uplift here)
 
 
 @dataclass
