@@ -64,7 +64,7 @@ def main(argv=None) -> int:
 
     from runtime import Scorer
     from runtime.features import COUPON_INPUTS, SEQUENCE_INPUTS, collate, coupon_features, featurize_one
-    from training.model import ServingModel
+    from training.model import ProfileModel, ScoringModel
     from training.train import load_checkpoint
 
     torch.set_num_threads(1)
@@ -77,7 +77,14 @@ def main(argv=None) -> int:
     catalog = synthetic_catalog(ckpt["coupons"], args.candidates, rng)
     scorers = {p: Scorer(model_dir, catalog, threads=1, precision=p) for p in ("fp32", "int8")}
     spec = scorers["int8"].spec
-    serving = ServingModel(model).eval()
+    # the same graphs as the runtime's: the encoder only when the heads read the profile
+    profile_model, scoring_model = ProfileModel(model).eval(), ScoringModel(model).eval()
+
+    def serving(*seq_tensors_and_coupons):
+        *seq_tensors, coupons = seq_tensors_and_coupons
+        extra = (profile_model(*seq_tensors),) if model.config.heads_use_profile else ()
+        return scoring_model(*seq_tensors, coupons, *extra)
+
     with torch.no_grad():
         coupon_vectors = model.coupon_tower(*(torch.from_numpy(v) for v in coupon_features(catalog, spec).values()))
 
@@ -87,7 +94,7 @@ def main(argv=None) -> int:
     def torch_score(events):  # the same featurizer and ranked answer as the runtime, with torch inference
         seq = collate([featurize_one(events, spec, None)])
         with torch.no_grad():
-            _, p_redeem, p_buy, p_control = serving(*(torch.from_numpy(seq[k]) for k in SEQUENCE_INPUTS), coupon_vectors)
+            p_redeem, p_buy, p_control = serving(*(torch.from_numpy(seq[k]) for k in SEQUENCE_INPUTS), coupon_vectors)
         out = {"p_redeem": p_redeem.numpy(), "p_buy": p_buy.numpy(), "p_buy_control": p_control.numpy()}
         return int8._rank(out, 0, everyone, everyone, int8.coupons, None, "uplift")
 
@@ -123,7 +130,7 @@ def main(argv=None) -> int:
 
     manifest = scorers["int8"].manifest
     quant = manifest["parity"]["int8_vs_fp32"]
-    sizes = {"fp32_bytes": manifest["files"]["model_fp32.onnx"]["bytes"], "int8_bytes": manifest["files"]["model.onnx"]["bytes"]}
+    sizes = {k: manifest["quantization"][k] for k in ("fp32_bytes", "int8_bytes")}  # profile + scoring graphs
     result = {
         "events": args.events, "candidates": args.candidates, "requests": args.requests, "threads": 1,
         "latency_ms": {name: {"p50": pct(v, 50), "p99": pct(v, 99)} for name, v in latency.items()},

@@ -2,8 +2,12 @@
 
 The model directory is the contract with the runtime::
 
-    model.onnx          int8-weight scorer: sequence + coupon vectors -> probabilities
-    model_fp32.onnx     the fp32 scorer it was quantized from (reference, benchmarks)
+    model.onnx          scoring graph: sequence + coupon vectors (+ profile, for heads that read it)
+                        -> probabilities; the heads, kept fp32 (see ``head_nodes``), no encoder
+    model_fp32.onnx     the fp32 scoring graph it came from
+    profile.onnx        int8-weight encoder: sequence -> profile (/v1/profile; and scoring, only for
+                        heads that read the profile)
+    profile_fp32.onnx   the fp32 encoder it was quantized from (reference, benchmarks)
     coupon_tower.onnx   coupon terms -> coupon vectors, run once per catalog load (fp32: it is tiny)
     manifest.json       inputs/outputs, feature spec, version, quantization, parity figures, sha256s
 
@@ -34,8 +38,8 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from runtime.features import COUPON_INPUTS, SEQUENCE_INPUTS, FeatureSpec, coupon_features, featurize_batch
-from runtime.scorer import MANIFEST, MODEL_FORMAT, OUTPUTS, session_options
-from training.model import CouponModel, CouponTowerExport, ServingModel
+from runtime.scorer import MANIFEST, MODEL_FORMAT, OUTPUTS, PROFILE_OUTPUT, session_options
+from training.model import CouponModel, CouponTowerExport, ProfileModel, ScoringModel, ServingModel
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ class ExportConfig:
     method: str = "weight_only"
     per_channel: bool = True  # per-output-channel weight scales: better accuracy at the same size
     quantize_ops: tuple[str, ...] = ("MatMul", "Gemm", "Gather")  # dynamic: ops to quantize (Gather: the tables)
-    keep_heads_fp32: bool = True  # leave the user x coupon heads (every node outside the encoder) in fp32
+    keep_heads_fp32: bool = True  # leave the scoring graph (the user x coupon heads; no encoder) in fp32
     max_eval_users: int = 4000  # held-out users for the fp32 vs int8 comparison
 
 
@@ -97,24 +101,13 @@ def parity_cases(spec: FeatureSpec) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
-def head_nodes(model_path: Path, encoder_output: str = "profile") -> list[str]:
-    """Names of the nodes outside the user encoder: the user x coupon heads and their features.
-
-    The encoder is what ``encoder_output`` depends on; every other node is a head's, whether or not the
-    heads read the profile (``ModelConfig.heads_use_profile``). Uplift is a small difference between
-    two probabilities and coupons often sit close together; int8 rounding of the heads' activations
-    flips those near-ties (top-1 agreement fell to ~40% on the demo model), while the heads hold a
-    few percent of the weights. So they stay fp32.
+def head_nodes(model_path: Path) -> list[str]:
+    """Names of the scoring graph's nodes, all of them the user x coupon heads' (the encoder is a graph of
+    its own). Uplift is a small difference between two probabilities and coupons often sit close
+    together; int8 rounding in the heads flips those near-ties (top-1 agreement fell to ~40% on the demo
+    model), while the heads hold a few percent of the weights. So they stay fp32.
     """
-    graph = onnx.load(str(model_path)).graph
-    producer = {out: node for node in graph.node for out in node.output}
-    encoder, pending = set(), [encoder_output]
-    while pending:
-        node = producer.get(pending.pop())
-        if node is not None and node.name not in encoder:
-            encoder.add(node.name)
-            pending.extend(node.input)
-    return [node.name for node in graph.node if node.name not in encoder]
+    return [node.name for node in onnx.load(str(model_path)).graph.node]
 
 
 def fuse_gelu(path: Path) -> int:
@@ -248,17 +241,18 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
 
 
-def held_out_agreement(fp32: ort.InferenceSession, int8: ort.InferenceSession, coupon_vectors: np.ndarray,
-                       held_out, coupon_index: np.ndarray, redeemed: np.ndarray, purchased: np.ndarray,
-                       batch_size: int = 256) -> dict[str, Any]:
-    """fp32 vs int8 on held-out issuance rows: per-head AUC and top-1 uplift coupon agreement."""
+def held_out_agreement(fp32, int8, coupon_vectors: np.ndarray, held_out, coupon_index: np.ndarray,
+                       redeemed: np.ndarray, purchased: np.ndarray, batch_size: int = 256) -> dict[str, Any]:
+    """fp32 vs int8 on held-out issuance rows: per-head AUC and top-1 uplift coupon agreement.
+
+    ``fp32``/``int8``: ``feeds -> (p_redeem, p_buy, p_buy_control)`` (see ``GraphPair``)."""
     outs: dict[str, list[list[np.ndarray]]] = {"fp32": [[], [], []], "int8": [[], [], []]}
     for start in range(0, len(held_out), batch_size):
         idx = np.arange(start, min(start + batch_size, len(held_out)))
         feeds = {k: v.numpy() for k, v in held_out.batch(idx).items()}
         feeds["coupon_vectors"] = coupon_vectors
-        for name, sess in (("fp32", fp32), ("int8", int8)):
-            _, p_redeem, p_buy, p_control = sess.run(None, feeds)
+        for name, predict in (("fp32", fp32), ("int8", int8)):
+            p_redeem, p_buy, p_control = predict(feeds)
             for acc, value in zip(outs[name], (p_redeem, p_buy, p_control)):
                 acc.append(value)
     treated = coupon_index >= 0
@@ -281,6 +275,26 @@ def held_out_agreement(fp32: ort.InferenceSession, int8: ort.InferenceSession, c
     return result
 
 
+class GraphPair:
+    """The profile and scoring graphs run as the runtime runs them: the profile first only when the
+    scoring graph takes it. ``pair(feeds)`` -> (p_redeem, p_buy, p_buy_control); ``pair.profile(feeds)``."""
+
+    def __init__(self, profile_path: Path, scoring_path: Path, opts: ort.SessionOptions):
+        providers = ["CPUExecutionProvider"]
+        self.profile_session = ort.InferenceSession(str(profile_path), opts, providers=providers)
+        self.scoring_session = ort.InferenceSession(str(scoring_path), opts, providers=providers)
+        self.profile_inputs = [i.name for i in self.profile_session.get_inputs()]
+        self.scoring_inputs = [i.name for i in self.scoring_session.get_inputs()]
+
+    def profile(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.profile_session.run(None, {k: feeds[k] for k in self.profile_inputs})[0]
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if PROFILE_OUTPUT in self.scoring_inputs:
+            feeds = {**feeds, PROFILE_OUTPUT: self.profile(feeds)}
+        return self.scoring_session.run(None, {k: feeds[k] for k in self.scoring_inputs})
+
+
 def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Path | None = None,
                  config: ExportConfig | None = None) -> dict[str, Any]:
     """Export, check, quantize, check again, then write ``out_dir`` atomically. Returns the manifest."""
@@ -295,35 +309,45 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
     work = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
         serving, tower = ServingModel(model).eval(), CouponTowerExport(model).eval()  # serving: the reference
-        lean = ServingModel(model, lean=True).eval()  # what is exported: the same function, less work (checked below)
+        # what is exported: the lean encoder pass (the same function, less work; checked below) and the heads
+        profile_module, scoring_module = ProfileModel(model).eval(), ScoringModel(model).eval()
+        needs_profile = model.config.heads_use_profile
         coupons = coupon_features(ckpt["coupons"], spec)
         example = parity_cases(spec)["mixed_batch"]
         with torch.no_grad():
             coupon_vectors_t = tower(*(torch.from_numpy(coupons[k]) for k in COUPON_INPUTS))
+            example_seq = tuple(torch.from_numpy(example[k]) for k in SEQUENCE_INPUTS)
+            example_profile = profile_module(*example_seq)
         batch, seq, cand = (torch.export.Dim(n, min=1, max=m) for n, m in
                             (("batch", 65536), ("seq", spec.max_len + 1), ("candidates", 65536)))
         seq_shapes = {name: {0: batch, 1: seq} for name in SEQUENCE_INPUTS}
-        log.info("exporting the scorer graph to ONNX (opset %d)", OPSET)
-        _export(lean, tuple(torch.from_numpy(example[k]) for k in SEQUENCE_INPUTS) + (coupon_vectors_t,),
-                list(SEQUENCE_INPUTS) + ["coupon_vectors"], list(OUTPUTS),
-                {**seq_shapes, "coupon_vectors": {0: cand}}, work / "model_fp32.onnx")
+        log.info("exporting the profile and scoring graphs to ONNX (opset %d; the heads %s the profile)", OPSET,
+                 "read" if needs_profile else "do not read")
+        _export(profile_module, example_seq, list(SEQUENCE_INPUTS), [PROFILE_OUTPUT], seq_shapes,
+                work / "profile_fp32.onnx")
+        extra = (example_profile,) if needs_profile else ()
+        extra_shapes = {PROFILE_OUTPUT: {0: batch}} if needs_profile else {}
+        _export(scoring_module, example_seq + (coupon_vectors_t,) + extra,
+                list(SEQUENCE_INPUTS) + ["coupon_vectors"] + ([PROFILE_OUTPUT] if needs_profile else []), list(OUTPUTS),
+                {**seq_shapes, "coupon_vectors": {0: cand}, **extra_shapes}, work / "model_fp32.onnx")
         n_coupons = torch.export.Dim("coupons", min=1, max=65536)
         _export(tower, tuple(torch.from_numpy(coupons[k]) for k in COUPON_INPUTS), list(COUPON_INPUTS),
                 ["coupon_vectors"], {k: {0: n_coupons} for k in COUPON_INPUTS}, work / "coupon_tower.onnx")
-        log.info("fused %d GELUs", fuse_gelu(work / "model_fp32.onnx"))
-        for name in ("model_fp32.onnx", "coupon_tower.onnx"):
+        log.info("fused %d GELUs", sum(fuse_gelu(work / name) for name in ("profile_fp32.onnx", "model_fp32.onnx")))
+        for name in ("profile_fp32.onnx", "model_fp32.onnx", "coupon_tower.onnx"):
             onnx.checker.check_model(onnx.load(str(work / name)), full_check=True)
 
         opts = session_options(threads=1)
         tower_sess = ort.InferenceSession(str(work / "coupon_tower.onnx"), opts, providers=["CPUExecutionProvider"])
         coupon_vectors = tower_sess.run(None, coupons)[0]
         tower_diff = float(np.max(np.abs(coupon_vectors - coupon_vectors_t.numpy())))
-        fp32 = ort.InferenceSession(str(work / "model_fp32.onnx"), opts, providers=["CPUExecutionProvider"])
+        fp32 = GraphPair(work / "profile_fp32.onnx", work / "model_fp32.onnx", opts)
         parity = {"coupon_tower_max_abs_diff": tower_diff, "cases": {}}
         for case, feeds in parity_cases(spec).items():
             with torch.no_grad():
                 ref = [t.numpy() for t in serving(*(torch.from_numpy(feeds[k]) for k in SEQUENCE_INPUTS), coupon_vectors_t)]
-            got = fp32.run(None, {**feeds, "coupon_vectors": coupon_vectors_t.numpy()})
+            full = {**feeds, "coupon_vectors": coupon_vectors_t.numpy()}
+            got = [fp32.profile(full)] + list(fp32(full))
             if any(np.isnan(g).any() for g in got):
                 raise ExportCheckError(f"onnxruntime produced NaN on parity case {case!r}")
             parity["cases"][case] = _max_diff(ref, got)
@@ -332,10 +356,12 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
         if parity["fp32_max_abs_diff"] > config.fp32_tolerance:
             raise ExportCheckError(f"fp32 parity {parity['fp32_max_abs_diff']:.2e} exceeds {config.fp32_tolerance:.0e}")
 
+        quantize(work / "profile_fp32.onnx", work / "profile.onnx", config, [])
         excluded = head_nodes(work / "model_fp32.onnx") if config.keep_heads_fp32 else []
         quantize(work / "model_fp32.onnx", work / "model.onnx", config, excluded)
-        onnx.checker.check_model(onnx.load(str(work / "model.onnx")), full_check=True)
-        int8 = ort.InferenceSession(str(work / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        for name in ("profile.onnx", "model.onnx"):
+            onnx.checker.check_model(onnx.load(str(work / name)), full_check=True)
+        int8 = GraphPair(work / "profile.onnx", work / "model.onnx", opts)
 
         train_config = TrainConfig.from_dict(ckpt["train_config"])
         if data_dir is not None:
@@ -356,15 +382,22 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
         if quant["top1_agreement"] < config.min_top1_agreement:
             raise ExportCheckError(f"int8 top-1 agreement {quant['top1_agreement']:.4f} below {config.min_top1_agreement}")
 
-        files = {name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size}
-                 for name in ("model.onnx", "model_fp32.onnx", "coupon_tower.onnx")}
+        names = ("model.onnx", "model_fp32.onnx", "profile.onnx", "profile_fp32.onnx", "coupon_tower.onnx")
+        files = {name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size} for name in names}
+        served = hashlib.sha256("".join(files[n]["sha256"] for n in ("model.onnx", "profile.onnx", "coupon_tower.onnx"))
+                                .encode()).hexdigest()
+        int8_bytes = files["model.onnx"]["bytes"] + files["profile.onnx"]["bytes"]
+        fp32_bytes = files["model_fp32.onnx"]["bytes"] + files["profile_fp32.onnx"]["bytes"]
         manifest = {
             "format": MODEL_FORMAT,
-            "model_version": f"ec-{files['model.onnx']['sha256'][:12]}",
+            "model_version": f"ec-{served[:12]}",  # of every graph a request may run
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": files,
             "scorer": {"file": "model.onnx", "fp32_file": "model_fp32.onnx",
-                       "inputs": _io(int8.get_inputs()), "outputs": _io(int8.get_outputs())},
+                       "inputs": _io(int8.scoring_session.get_inputs()), "outputs": _io(int8.scoring_session.get_outputs())},
+            "profile": {"file": "profile.onnx", "fp32_file": "profile_fp32.onnx",
+                        "inputs": _io(int8.profile_session.get_inputs()),
+                        "outputs": _io(int8.profile_session.get_outputs())},
             "coupon_tower": {"file": "coupon_tower.onnx", "inputs": _io(tower_sess.get_inputs()),
                              "outputs": _io(tower_sess.get_outputs())},
             "feature_spec": spec.to_dict(),
@@ -377,7 +410,8 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
                              "op_types": (["MatMul", "Gather"] if config.method == "weight_only"
                                           else list(config.quantize_ops)),
                              "fp32_nodes": len(excluded),
-                             "size_ratio": files["model.onnx"]["bytes"] / files["model_fp32.onnx"]["bytes"]},
+                             "size_ratio": int8_bytes / fp32_bytes,  # the profile and scoring graphs together
+                             "int8_bytes": int8_bytes, "fp32_bytes": fp32_bytes},
             "parity": {**parity, "int8_vs_fp32": quant},
             "checks": dataclasses.asdict(config),
             "training_metrics": ckpt.get("metrics", {}).get("heads", {}).get("transformer"),
@@ -387,7 +421,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
             shutil.rmtree(out_dir)
         work.rename(out_dir)
         log.info("wrote %s (%s, int8 %.0f KB = %.2fx fp32) in %.0f s", out_dir, manifest["model_version"],
-                 files["model.onnx"]["bytes"] / 1024, manifest["quantization"]["size_ratio"], time.perf_counter() - started)
+                 int8_bytes / 1024, manifest["quantization"]["size_ratio"], time.perf_counter() - started)
         return manifest
     finally:
         if work.exists():

@@ -21,13 +21,16 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.allocation import Policy, estimate_order_value, incremental_value, load_policy, net_scores
-from runtime.features import SEQUENCE_INPUTS, FeatureSpec, collate, coupon_features, coupon_number, featurize_one
+from runtime.features import FeatureSpec, collate, coupon_features, coupon_number, featurize_one
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-MODEL_FORMAT = "edgecoupon-model/1"
-OUTPUTS = ("profile", "p_redeem", "p_buy", "p_buy_control")
+# /2: the encoder is a graph of its own (profile.onnx); the scoring graph takes the profile as an input
+# only when its heads read it (manifest "scorer" inputs), so scoring usually skips the encoder pass
+MODEL_FORMAT = "edgecoupon-model/2"
+OUTPUTS = ("p_redeem", "p_buy", "p_buy_control")  # the scoring graph's
+PROFILE_OUTPUT = "profile"  # the profile graph's output (and, for heads that read it, a scoring input)
 OBJECTIVES = ("uplift", "p_redeem", "p_buy")  # ranking objectives (no policy needed)
 POLICY_OBJECTIVES = ("profit",)  # needs a policy file: Scorer(..., policy=...) or Scorer.set_policy()
 ALL_OBJECTIVES = OBJECTIVES + POLICY_OBJECTIVES
@@ -128,7 +131,9 @@ def read_manifest(model_dir: str | Path, verify: bool = True, files: Sequence[st
 class Scorer:
     """Scores users x coupons with the exported model.
 
-    ``precision`` picks ``model.onnx`` (int8, the default) or ``model_fp32.onnx``. Coupon vectors for
+    ``precision`` picks the int8 graphs (``model.onnx``, ``profile.onnx``; the default) or the fp32 ones.
+    Scoring runs the scoring graph, and the profile graph (the encoder) first only when the scoring
+    graph takes the profile as an input; :meth:`profile` runs the profile graph. Coupon vectors for
     the catalog are computed once here, not per request. ``policy`` (a policy file, its parsed JSON or a
     ``runtime.allocation.Policy``) enables ``objective="profit"``; see :meth:`set_policy`.
     """
@@ -140,15 +145,20 @@ class Scorer:
             raise ValueError(f"precision must be 'int8' or 'fp32', got {precision!r}")
         self.model_dir = Path(model_dir)
         head = read_manifest(self.model_dir, verify=False)
-        scorer_file = head["scorer"]["file"] if precision == "int8" else head["scorer"]["fp32_file"]
+        key = "file" if precision == "int8" else "fp32_file"
+        scorer_file, profile_file = head["scorer"][key], head["profile"][key]
         tower_file = head["coupon_tower"]["file"]
-        self.manifest = read_manifest(self.model_dir, verify=verify, files=[scorer_file, tower_file])
+        self.manifest = read_manifest(self.model_dir, verify=verify, files=[scorer_file, profile_file, tower_file])
         self.model_version: str = self.manifest["model_version"]
         self.precision = precision
         self.spec = FeatureSpec.from_dict(self.manifest["feature_spec"])
         opts = session_options(threads)
         providers = ["CPUExecutionProvider"]
         self._session = ort.InferenceSession(str(self.model_dir / scorer_file), opts, providers=providers)
+        self._profile_session = ort.InferenceSession(str(self.model_dir / profile_file), opts, providers=providers)
+        self._scoring_inputs = [i.name for i in self._session.get_inputs()]
+        self._profile_inputs = [i.name for i in self._profile_session.get_inputs()]
+        self.scoring_needs_profile = PROFILE_OUTPUT in self._scoring_inputs
         self._tower = ort.InferenceSession(str(self.model_dir / tower_file), opts, providers=providers)
         self.set_catalog(catalog)
         self._policy: Policy | None = None
@@ -212,19 +222,26 @@ class Scorer:
 
     # ------------------------------------------------------------------------------------ inference
     def run(self, seq: Mapping[str, np.ndarray], coupon_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """Raw model outputs for a featurized batch: profile [B, D], p_redeem/p_buy [B, C], p_buy_control [B]."""
+        """Raw model outputs for a featurized batch: p_redeem/p_buy [B, C], p_buy_control [B]."""
         vectors = self._catalog_state[2]
         return self._infer(seq, vectors if coupon_index is None else vectors[coupon_index])
 
     def _infer(self, seq: Mapping[str, np.ndarray], coupon_vectors: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = {name: seq[name] for name in SEQUENCE_INPUTS}
-        feeds["coupon_vectors"] = coupon_vectors
+        feeds = {"coupon_vectors": coupon_vectors}
+        if self.scoring_needs_profile:
+            feeds[PROFILE_OUTPUT] = self.profiles(seq)
+        for name in self._scoring_inputs:  # the sequence inputs the heads read (not always all of them)
+            if name not in feeds:
+                feeds[name] = seq[name]
         return dict(zip(OUTPUTS, self._session.run(None, feeds)))
+
+    def profiles(self, seq: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Profile vectors [B, D] (the encoder's output) of a featurized batch."""
+        return self._profile_session.run(None, {name: seq[name] for name in self._profile_inputs})[0]
 
     def profile(self, events: Iterable[Mapping[str, Any]], now: float | None = None) -> np.ndarray:
         """The user profile vector [D] (the encoder's output)."""
-        seq = collate([featurize_one(events, self.spec, now)])
-        return self.run(seq, np.arange(1))["profile"][0]
+        return self.profiles(collate([featurize_one(events, self.spec, now)]))[0]
 
     def score(self, events: Iterable[Mapping[str, Any]], candidates: Sequence[str] | None = None,
               k: int | None = None, now: float | None = None, objective: str = "uplift") -> list[dict[str, Any]]:

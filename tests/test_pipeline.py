@@ -37,7 +37,8 @@ def test_training_writes_self_describing_artefacts(tiny_pipeline):
 
 def test_export_manifest_records_checks_and_checksums(tiny_pipeline):
     manifest = json.loads((tiny_pipeline.model_dir / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.onnx", "model_fp32.onnx", "coupon_tower.onnx"}
+    assert set(manifest["files"]) == {"model.onnx", "model_fp32.onnx", "profile.onnx", "profile_fp32.onnx",
+                                      "coupon_tower.onnx"}
     assert set(manifest["parity"]["cases"]) == {"empty_history", "one_event", "full_length", "mixed_batch"}
     assert manifest["parity"]["fp32_max_abs_diff"] < 1e-4
     # weight-only int8: the MatMul weights become int8 + DequantizeLinear (folded to fp32 weights at load)
@@ -46,17 +47,27 @@ def test_export_manifest_records_checks_and_checksums(tiny_pipeline):
     assert manifest["quantization"]["method"] == "weight_only"
     assert manifest["quantization"]["size_ratio"] < 0.7
     import onnx
-    graph = onnx.load(str(tiny_pipeline.model_dir / "model.onnx")).graph
-    int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
-    # every MatMul with a constant weight outside the fp32 heads reads it through a DequantizeLinear of int8
-    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8}
-    from export.onnx_export import head_nodes
-    quantized = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in dequantized]
-    assert len(quantized) >= 5  # tiny model (1 block): the encoder's numeric, qkv, proj and 2 MLP weights
-    heads = set(head_nodes(tiny_pipeline.model_dir / "model.onnx"))
-    assert heads and not any(n.name in heads for n in quantized)  # cross_proj, wide, hidden, out, control: fp32
-    assert "MatMulNBits" not in {n.op_type for n in graph.node}
-    assert "Gelu" in {n.op_type for n in graph.node}  # fused (export.onnx_export.fuse_gelu)
+
+    def int8_matmuls(name: str) -> int:
+        graph = onnx.load(str(tiny_pipeline.model_dir / name)).graph
+        int8 = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+        dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int8}
+        assert "MatMulNBits" not in {n.op_type for n in graph.node}
+        return sum(n.op_type == "MatMul" and n.input[1] in dequantized for n in graph.node)
+
+    # the encoder's MatMul weights are int8 + DequantizeLinear (tiny model, 1 block: numeric, qkv, proj, 2 MLP);
+    # the scoring graph is the heads only, all fp32
+    assert int8_matmuls("profile.onnx") >= 5
+    assert int8_matmuls("model.onnx") == 0
+    scoring = onnx.load(str(tiny_pipeline.model_dir / "model.onnx")).graph
+    assert "Gelu" in {n.op_type for n in scoring.node}  # fused (export.onnx_export.fuse_gelu)
+    # the default heads do not read the profile, so scoring runs no encoder: no embedding lookups at all
+    assert "profile" not in {i["name"] for i in manifest["scorer"]["inputs"]}
+    n_items = manifest["model_config"]["n_item_buckets"]
+    assert not any(i.dims and i.dims[0] == n_items for i in scoring.initializer)  # no item embedding table
+    profile_graph = onnx.load(str(tiny_pipeline.model_dir / "profile.onnx")).graph
+    assert any(i.dims and i.dims[0] == n_items for i in profile_graph.initializer)  # ... it is in the encoder's
+    assert [o["name"] for o in manifest["profile"]["outputs"]] == ["profile"]
     assert [i["name"] for i in manifest["scorer"]["inputs"]][-1] == "coupon_vectors"
     assert 0.0 <= manifest["parity"]["int8_vs_fp32"]["top1_agreement"] <= 1.0
 

@@ -337,9 +337,16 @@ class CouponModel(nn.Module):
 
         ``lean``: the profile through :meth:`UserEncoder.user_state` (same values, less work; serving)."""
         profile = self.encoder.user_state(**seq) if lean else self.profile(seq)
+        return (profile,) + self.head_logits(seq, coupon_vectors, profile)
+
+    def head_logits(self, seq: Mapping[str, torch.Tensor], coupon_vectors: torch.Tensor, profile: torch.Tensor | None):
+        """Logits (redeem [B, C], buy [B, C], control [B]); ``profile [B, D]`` is read only with
+        ``config.heads_use_profile`` (else it may be None: scoring then needs no encoder pass)."""
+        if self.heads.use_profile and profile is None:
+            raise ValueError("these heads read the profile (heads_use_profile): pass it")
         user = user_aggregates(seq["event_ids"], seq["seq_numeric"])
         cross = cross_features(seq["event_ids"], seq["category_ids"], user, coupon_vectors[:, -COUPON_TERMS:])
-        return (profile,) + self.heads(profile, coupon_vectors, user, cross)
+        return self.heads(profile, coupon_vectors, user, cross)
 
     def next_item_logits(self, hidden: torch.Tensor):
         """Pre-training logits from hidden states [..., D]: (category [..., n_cat], item [..., n_items])."""
@@ -351,11 +358,13 @@ class CouponModel(nn.Module):
 
 
 class ServingModel(nn.Module):
-    """The exported graph: sequence features + precomputed coupon vectors -> probabilities.
+    """Everything a request can ask for in one module: sequence features + precomputed coupon vectors ->
+    (profile, probabilities). The export's torch reference for :class:`ProfileModel` and
+    :class:`ScoringModel`, the two graphs it writes.
 
     Coupon vectors come from the separately exported coupon tower, computed once per catalog load.
-    ``lean=True`` (what export writes) computes the profile with :meth:`UserEncoder.user_state`: the same
-    function with less work per request; the export checks it against the plain one.
+    ``lean=True`` computes the profile with :meth:`UserEncoder.user_state`: the same function with less
+    work per request; the export checks it against the plain one.
     """
 
     def __init__(self, model: CouponModel, lean: bool = False):
@@ -364,10 +373,45 @@ class ServingModel(nn.Module):
         self.lean = lean
 
     def forward(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric, coupon_vectors):
-        seq = {"event_ids": event_ids, "category_ids": category_ids, "item_ids": item_ids, "recency_ids": recency_ids,
-               "price_ids": price_ids, "seq_numeric": seq_numeric}
+        seq = _seq(event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric)
         profile, redeem_logit, buy_logit, control_logit = self.model.score(seq, coupon_vectors, lean=self.lean)
         return profile, torch.sigmoid(redeem_logit), torch.sigmoid(buy_logit), torch.sigmoid(control_logit)
+
+
+def _seq(event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric) -> dict[str, torch.Tensor]:
+    return {"event_ids": event_ids, "category_ids": category_ids, "item_ids": item_ids, "recency_ids": recency_ids,
+            "price_ids": price_ids, "seq_numeric": seq_numeric}
+
+
+class ProfileModel(nn.Module):
+    """The exported profile graph: sequence features -> the profile ``[B, D]`` (the lean encoder pass)."""
+
+    def __init__(self, model: CouponModel):
+        super().__init__()
+        self.encoder = model.encoder
+
+    def forward(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric):
+        return self.encoder.user_state(event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric)
+
+
+class ScoringModel(nn.Module):
+    """The exported scoring graph: sequence features + precomputed coupon vectors (+ the profile, only
+    for heads that read it) -> probabilities p_redeem [B, C], p_buy [B, C], p_buy_control [B].
+
+    Without ``heads_use_profile`` this graph holds no encoder, so a scoring request skips the encoder
+    pass; /v1/profile runs :class:`ProfileModel` instead. (onnxruntime runs a whole graph whatever
+    outputs are asked for, so one graph with both would pay for the encoder on every score.)
+    """
+
+    def __init__(self, model: CouponModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric, coupon_vectors,
+                profile=None):
+        seq = _seq(event_ids, category_ids, item_ids, recency_ids, price_ids, seq_numeric)
+        redeem_logit, buy_logit, control_logit = self.model.head_logits(seq, coupon_vectors, profile)
+        return torch.sigmoid(redeem_logit), torch.sigmoid(buy_logit), torch.sigmoid(control_logit)
 
 
 class CouponTowerExport(nn.Module):
