@@ -38,7 +38,7 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from runtime.features import COUPON_INPUTS, SEQUENCE_INPUTS, FeatureSpec, coupon_features, featurize_batch
-from runtime.scorer import MANIFEST, MODEL_FORMAT, OUTPUTS, PROFILE_OUTPUT, session_options
+from runtime.scorer import MANIFEST, MODEL_FORMAT, OUTPUTS, PROFILE_OUTPUT, ModelGraphs, session_options
 from training.model import CouponModel, CouponTowerExport, ProfileModel, ScoringModel, ServingModel
 
 log = logging.getLogger(__name__)
@@ -245,14 +245,13 @@ def held_out_agreement(fp32, int8, coupon_vectors: np.ndarray, held_out, coupon_
                        redeemed: np.ndarray, purchased: np.ndarray, batch_size: int = 256) -> dict[str, Any]:
     """fp32 vs int8 on held-out issuance rows: per-head AUC and top-1 uplift coupon agreement.
 
-    ``fp32``/``int8``: ``feeds -> (p_redeem, p_buy, p_buy_control)`` (see ``GraphPair``)."""
+    ``fp32``/``int8``: :class:`runtime.scorer.ModelGraphs` of the two precisions."""
     outs: dict[str, list[list[np.ndarray]]] = {"fp32": [[], [], []], "int8": [[], [], []]}
     for start in range(0, len(held_out), batch_size):
         idx = np.arange(start, min(start + batch_size, len(held_out)))
         feeds = {k: v.numpy() for k, v in held_out.batch(idx).items()}
-        feeds["coupon_vectors"] = coupon_vectors
-        for name, predict in (("fp32", fp32), ("int8", int8)):
-            p_redeem, p_buy, p_control = predict(feeds)
+        for name, graphs in (("fp32", fp32), ("int8", int8)):
+            p_redeem, p_buy, p_control = graphs.probabilities(feeds, coupon_vectors)
             for acc, value in zip(outs[name], (p_redeem, p_buy, p_control)):
                 acc.append(value)
     treated = coupon_index >= 0
@@ -273,26 +272,6 @@ def held_out_agreement(fp32, int8, coupon_vectors: np.ndarray, held_out, coupon_
     result["top1_agreement"] = float((top1["fp32"] == top1["int8"]).mean())
     result["max_abs_diff_p_buy"] = float(np.max(np.abs(result.pop("probs_fp32") - result.pop("probs_int8"))))
     return result
-
-
-class GraphPair:
-    """The profile and scoring graphs run as the runtime runs them: the profile first only when the
-    scoring graph takes it. ``pair(feeds)`` -> (p_redeem, p_buy, p_buy_control); ``pair.profile(feeds)``."""
-
-    def __init__(self, profile_path: Path, scoring_path: Path, opts: ort.SessionOptions):
-        providers = ["CPUExecutionProvider"]
-        self.profile_session = ort.InferenceSession(str(profile_path), opts, providers=providers)
-        self.scoring_session = ort.InferenceSession(str(scoring_path), opts, providers=providers)
-        self.profile_inputs = [i.name for i in self.profile_session.get_inputs()]
-        self.scoring_inputs = [i.name for i in self.scoring_session.get_inputs()]
-
-    def profile(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.profile_session.run(None, {k: feeds[k] for k in self.profile_inputs})[0]
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        if PROFILE_OUTPUT in self.scoring_inputs:
-            feeds = {**feeds, PROFILE_OUTPUT: self.profile(feeds)}
-        return self.scoring_session.run(None, {k: feeds[k] for k in self.scoring_inputs})
 
 
 def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Path | None = None,
@@ -341,13 +320,12 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
         tower_sess = ort.InferenceSession(str(work / "coupon_tower.onnx"), opts, providers=["CPUExecutionProvider"])
         coupon_vectors = tower_sess.run(None, coupons)[0]
         tower_diff = float(np.max(np.abs(coupon_vectors - coupon_vectors_t.numpy())))
-        fp32 = GraphPair(work / "profile_fp32.onnx", work / "model_fp32.onnx", opts)
+        fp32 = ModelGraphs(work / "profile_fp32.onnx", work / "model_fp32.onnx", opts)
         parity = {"coupon_tower_max_abs_diff": tower_diff, "cases": {}}
         for case, feeds in parity_cases(spec).items():
             with torch.no_grad():
                 ref = [t.numpy() for t in serving(*(torch.from_numpy(feeds[k]) for k in SEQUENCE_INPUTS), coupon_vectors_t)]
-            full = {**feeds, "coupon_vectors": coupon_vectors_t.numpy()}
-            got = [fp32.profile(full)] + list(fp32(full))
+            got = [fp32.profiles(feeds)] + list(fp32.probabilities(feeds, coupon_vectors_t.numpy()))
             if any(np.isnan(g).any() for g in got):
                 raise ExportCheckError(f"onnxruntime produced NaN on parity case {case!r}")
             parity["cases"][case] = _max_diff(ref, got)
@@ -361,7 +339,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
         quantize(work / "model_fp32.onnx", work / "model.onnx", config, excluded)
         for name in ("profile.onnx", "model.onnx"):
             onnx.checker.check_model(onnx.load(str(work / name)), full_check=True)
-        int8 = GraphPair(work / "profile.onnx", work / "model.onnx", opts)
+        int8 = ModelGraphs(work / "profile.onnx", work / "model.onnx", opts)
 
         train_config = TrainConfig.from_dict(ckpt["train_config"])
         if data_dir is not None:

@@ -69,6 +69,34 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     return opts
 
 
+class ModelGraphs:
+    """The profile graph and the scoring graph, run as a request needs them: the profile graph first only
+    when the scoring graph takes the profile as an input (heads trained with ``heads_use_profile``).
+    Shared by :class:`Scorer` and the export's checks, so both run the graphs the same way."""
+
+    def __init__(self, profile_path: str | Path, scoring_path: str | Path, opts: ort.SessionOptions):
+        providers = ["CPUExecutionProvider"]
+        self.profile_session = ort.InferenceSession(str(profile_path), opts, providers=providers)
+        self.scoring_session = ort.InferenceSession(str(scoring_path), opts, providers=providers)
+        self.profile_inputs = [i.name for i in self.profile_session.get_inputs()]
+        scoring_inputs = [i.name for i in self.scoring_session.get_inputs()]
+        self.needs_profile = PROFILE_OUTPUT in scoring_inputs
+        # the sequence inputs the heads read (not always all of them), worked out once, not per request
+        self.scoring_seq_inputs = [n for n in scoring_inputs if n not in ("coupon_vectors", PROFILE_OUTPUT)]
+
+    def profiles(self, seq: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Profile vectors [B, D] of a featurized batch."""
+        return self.profile_session.run(None, {name: seq[name] for name in self.profile_inputs})[0]
+
+    def probabilities(self, seq: Mapping[str, np.ndarray], coupon_vectors: np.ndarray) -> list[np.ndarray]:
+        """[p_redeem [B, C], p_buy [B, C], p_buy_control [B]] (``OUTPUTS``) of a featurized batch."""
+        feeds = {name: seq[name] for name in self.scoring_seq_inputs}
+        feeds["coupon_vectors"] = coupon_vectors
+        if self.needs_profile:
+            feeds[PROFILE_OUTPUT] = self.profiles(seq)
+        return self.scoring_session.run(None, feeds)
+
+
 def load_catalog(source: str | Path | Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """A coupon catalog from a CSV/JSON file or from rows; every row is validated up front."""
     if isinstance(source, (str, Path)):
@@ -154,11 +182,7 @@ class Scorer:
         self.spec = FeatureSpec.from_dict(self.manifest["feature_spec"])
         opts = session_options(threads)
         providers = ["CPUExecutionProvider"]
-        self._session = ort.InferenceSession(str(self.model_dir / scorer_file), opts, providers=providers)
-        self._profile_session = ort.InferenceSession(str(self.model_dir / profile_file), opts, providers=providers)
-        self._scoring_inputs = [i.name for i in self._session.get_inputs()]
-        self._profile_inputs = [i.name for i in self._profile_session.get_inputs()]
-        self.scoring_needs_profile = PROFILE_OUTPUT in self._scoring_inputs
+        self._graphs = ModelGraphs(self.model_dir / profile_file, self.model_dir / scorer_file, opts)
         self._tower = ort.InferenceSession(str(self.model_dir / tower_file), opts, providers=providers)
         self.set_catalog(catalog)
         self._policy: Policy | None = None
@@ -227,17 +251,11 @@ class Scorer:
         return self._infer(seq, vectors if coupon_index is None else vectors[coupon_index])
 
     def _infer(self, seq: Mapping[str, np.ndarray], coupon_vectors: np.ndarray) -> dict[str, np.ndarray]:
-        feeds = {"coupon_vectors": coupon_vectors}
-        if self.scoring_needs_profile:
-            feeds[PROFILE_OUTPUT] = self.profiles(seq)
-        for name in self._scoring_inputs:  # the sequence inputs the heads read (not always all of them)
-            if name not in feeds:
-                feeds[name] = seq[name]
-        return dict(zip(OUTPUTS, self._session.run(None, feeds)))
+        return dict(zip(OUTPUTS, self._graphs.probabilities(seq, coupon_vectors)))
 
     def profiles(self, seq: Mapping[str, np.ndarray]) -> np.ndarray:
         """Profile vectors [B, D] (the encoder's output) of a featurized batch."""
-        return self._profile_session.run(None, {name: seq[name] for name in self._profile_inputs})[0]
+        return self._graphs.profiles(seq)
 
     def profile(self, events: Iterable[Mapping[str, Any]], now: float | None = None) -> np.ndarray:
         """The user profile vector [D] (the encoder's output)."""
