@@ -6,7 +6,7 @@
 - no access log (it cost more than a scoring request; ``/metrics`` counts every request);
 - ``preload_app``: the master imports the code and checks the model and the catalog once, then forks;
   each worker creates its onnxruntime sessions after the fork and warms up before it accepts requests
-  (``post_worker_init``), so a worker that answers is ready;
+  (``post_worker_init``), so a worker that answers is ready, then hands all it loaded to ``gc.freeze``;
 - Prometheus multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` is set here, before anything imports
   prometheus_client (a fresh temporary directory unless the environment names one, whose stale files
   are removed), and ``child_exit`` marks dead workers;
@@ -16,6 +16,7 @@
 Everything else comes from the service configuration (``server.config``: defaults, the TOML file named by
 ``EDGECOUPON_CONFIG``, ``EDGECOUPON_*`` variables), so one set of keys drives both the app and gunicorn.
 """
+import gc
 import logging
 import os
 import shutil
@@ -64,6 +65,12 @@ def post_worker_init(worker):
     from server.app import load_model
 
     load_model(worker.wsgi)
+    # Everything loaded so far (code, model, catalog) lives as long as the worker: move it out of the
+    # collector's reach, so a full collection walks only what requests allocate. Measured with
+    # benchmarks/bench_http.py-style open-loop runs at 80% load (one worker, pinned): median p99/p50
+    # over the steady part 2.8 with it vs 3.8 without (8 and 4 runs; single runs vary from 2 to 7).
+    gc.collect()
+    gc.freeze()
 
 
 def worker_exit(server, worker):
