@@ -50,6 +50,22 @@ def test_every_policy_respects_the_budget_and_the_oracle_is_best(result):
     assert set(result["uplift_metrics"]) == {"transformer", "t_learner_gbm", "logistic", "truth"}
 
 
+def test_segment_breakdown_adds_up_to_the_headline_rows(policy_data, result):
+    """Per response type, each allocation's coupons and profit sum to its row in the headline table."""
+    segments = result["segments"]
+    assert segments["share"] == 0.3
+    rows = segments["rows"]
+    assert set(rows) == set(np.unique(policy_data.segments)) and len(rows) >= 2
+    assert sum(r["users"]["n"] for r in rows.values()) == len(policy_data.user_ids)
+    headline_rows = result["budgets"]["0.3"]["policies"]
+    for name in ("allocation", "allocation_logistic", "allocation_t_learner_gbm", "oracle"):
+        assert sum(r[name]["coupons_given"] for r in rows.values()) == headline_rows[name]["coupons_given"], name
+        assert sum(r[name]["incremental_profit"] for r in rows.values()) == pytest.approx(
+            headline_rows[name]["incremental_profit"]), name
+    from training.policy_eval import format_tables
+    assert "by the simulator's latent response type" in format_tables(result)
+
+
 def test_exact_outcome_is_the_sum_of_true_expectations(policy_data):
     from training.policy_eval import Evaluator
     ev = Evaluator(policy_data, margin=0.3)

@@ -94,6 +94,7 @@ class PolicyData:
     models: dict[str, Predictions] = field(default_factory=dict)
     experiment: dict[str, np.ndarray] = field(default_factory=dict)  # held-out issuance rows (observed)
     model_version: str | None = None
+    segments: np.ndarray | None = None  # [N] the simulator's latent response type (analysis only, never an input)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -243,9 +244,13 @@ def load_policy_data(data_dir: str | Path, checkpoint: str | Path | None, model_
     experiment = _experiment_rows(issuance[is_eval], user_ids, coupon_ids, coupons_df)
     log.info("policy data: %d held-out users x %d coupons, %d models, loaded in %.1f s", len(user_ids), len(coupon_ids),
              len(models), time.perf_counter() - started)
+    segments = None
+    if "response_type" in truth_df.columns:
+        segments = truth_df.drop_duplicates("user_id").set_index("user_id").loc[user_ids, "response_type"].to_numpy(str)
     return PolicyData(user_ids=user_ids, coupon_ids=coupon_ids, cost=coupons_df["cost"].to_numpy(np.float64),
                       truth=truth, true_order_value=true_ov, order_value=order_value, order_value_config=ov_config,
-                      similarity=similarity, models=models, experiment=experiment, model_version=model_version)
+                      similarity=similarity, models=models, experiment=experiment, model_version=model_version,
+                      segments=segments)
 
 
 def _eval_fraction(checkpoint: str | Path | None, data_dir: Path) -> float:
@@ -408,6 +413,29 @@ class Evaluator:
             row["oracle_share"] = row[key] / best if best > 0 else float("nan")
         return out
 
+    def segment_breakdown(self, budget: float) -> dict[str, dict[str, dict[str, float]]]:
+        """Where each budgeted allocation's coupons go, per latent response type of the simulator
+        (persuadable, sure thing, ...): coupons given, true spend and true incremental profit. What a
+        share of the oracle does not say: *whom* a model wrongly pays (e.g. sure things, who buy anyway)."""
+        if self.data.segments is None:
+            return {}
+        choices = {}
+        for name in self.data.models:
+            if name.startswith("truth_noise_"):
+                continue
+            values, spend = self.model_values(name)
+            choices["allocation" if name == "transformer" else f"allocation_{name}"] = self.paced_allocation(values, spend, budget)[0]
+        choices["oracle"] = solve(self.true_value, self.true_spend, budget)[0]
+        out: dict[str, dict[str, dict[str, float]]] = {}
+        for segment in np.unique(self.data.segments):
+            mask = self.data.segments == segment
+            rows = {"users": {"n": int(mask.sum())}}
+            for name, choice in choices.items():
+                picked = np.where(mask, choice, NONE)
+                rows[name] = self.outcome(picked).to_dict()
+            out[str(segment)] = rows
+        return out
+
     @property
     def metric(self) -> str:
         """What the oracle share is a share of: the objective's outcome."""
@@ -445,7 +473,8 @@ def uplift_table(data: PolicyData, k: float = 0.3) -> dict[str, dict[str, float]
 
 
 def evaluate_policies(data: PolicyData, budgets: Sequence[float] = DEFAULT_BUDGETS, margin: float = DEFAULT_MARGIN,
-                      objective: str = "profit", seed: int = 0, curve_points: int = 24) -> dict[str, Any]:
+                      objective: str = "profit", seed: int = 0, curve_points: int = 24,
+                      headline_share: float = HEADLINE_BUDGET) -> dict[str, Any]:
     ev = Evaluator(data, margin, objective, seed)
     full = ev.full_budget()
     result: dict[str, Any] = {"margin": margin, "objective": objective, "metric": ev.metric, "full_budget": full,
@@ -460,6 +489,7 @@ def evaluate_policies(data: PolicyData, budgets: Sequence[float] = DEFAULT_BUDGE
             curves.setdefault(name, []).append((row["spend"], row["incremental_profit"]))
     result["curves"] = {name: [[0.0, 0.0]] + [list(p) for p in pts] for name, pts in curves.items()}
     result["uplift_metrics"] = uplift_table(data)
+    result["segments"] = {"share": headline_share, "rows": ev.segment_breakdown(headline_share * full)}
     return result
 
 
@@ -521,6 +551,18 @@ def format_tables(result: Mapping[str, Any], share: float = HEADLINE_BUDGET) -> 
     for name in block["policies"]:
         lines.append(f"{_label(name):<40}" + "".join(
             f"{result['budgets'][s]['policies'][name]['oracle_share']:>8.1%}" for s in shares))
+    segments = result.get("segments") or {}
+    if segments.get("rows"):
+        names = [n for n in next(iter(segments["rows"].values())) if n != "users"]
+        lines.append("")
+        lines.append(f"Where the coupons go at {segments['share']:.0%}, by the simulator's latent response type: "
+                     "coupons given / true incremental profit")
+        short = {"allocation": "ours", "allocation_t_learner_gbm": "T-learner GBM", "allocation_logistic": "logistic",
+                 "oracle": "oracle"}
+        lines.append(f"{'response type':<16}{'users':>7}" + "".join(f"{short.get(n, n):>18}" for n in names))
+        for segment, row in segments["rows"].items():
+            lines.append(f"{segment:<16}{row['users']['n']:>7d}" + "".join(
+                f"{row[n]['coupons_given']:>9d} /{row[n]['incremental_profit']:>7.1f}" for n in names))
     if f"{share:g}" in result["budgets"]:
         h = headline(result, share)
         lines.append("")
@@ -633,7 +675,7 @@ def main(argv=None) -> int:
         return 2
     if args.sensitivity:
         add_noisy_truth(data, seed=args.seed)
-    result = evaluate_policies(data, budgets, args.margin, args.objective, args.seed)
+    result = evaluate_policies(data, budgets, args.margin, args.objective, args.seed, headline_share=args.headline)
     result["headline"] = headline(result, args.headline)
     result["source"] = {"data": str(data_dir), "checkpoint": str(checkpoint), "model": str(model_dir) if model_dir else None}
     out.mkdir(parents=True, exist_ok=True)
