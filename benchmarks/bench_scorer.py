@@ -85,17 +85,21 @@ def main(argv=None) -> int:
         extra = (profile_model(*seq_tensors),) if model.config.heads_use_profile else ()
         return scoring_model(*seq_tensors, coupons, *extra)
 
+    coupon_terms = coupon_features(catalog, spec)
     with torch.no_grad():
-        coupon_vectors = model.coupon_tower(*(torch.from_numpy(v) for v in coupon_features(catalog, spec).values()))
+        coupon_vectors = model.coupon_tower(*(torch.from_numpy(v) for v in coupon_terms.values()))
 
     int8 = scorers["int8"]
     everyone = np.arange(len(catalog))
 
-    def torch_score(events):  # the same featurizer and ranked answer as the runtime, with torch inference
-        seq = collate([featurize_one(events, spec, None)])
+    def torch_probabilities(seq):  # what the model directory serves, with torch running the network
         with torch.no_grad():
-            p_redeem, p_buy, p_control = serving(*(torch.from_numpy(seq[k]) for k in SEQUENCE_INPUTS), coupon_vectors)
-        out = {"p_redeem": p_redeem.numpy(), "p_buy": p_buy.numpy(), "p_buy_control": p_control.numpy()}
+            probs = [t.numpy() for t in serving(*(torch.from_numpy(seq[k]) for k in SEQUENCE_INPUTS), coupon_vectors)]
+        return int8.blend.mix(probs, seq, coupon_terms) if int8.blend is not None else probs
+
+    def torch_score(events):  # the same featurizer, blend and ranked answer as the runtime, with torch inference
+        seq = collate([featurize_one(events, spec, None)])
+        out = dict(zip(("p_redeem", "p_buy", "p_buy_control"), torch_probabilities(seq)))
         return int8._rank(out, 0, everyone, everyone, int8.coupons, None, "uplift")
 
     engines = {"torch_eager": torch_score,
@@ -120,9 +124,7 @@ def main(argv=None) -> int:
         for _ in range(3):
             t0 = time.perf_counter()
             if name == "torch_eager":
-                seq = collate([featurize_one(e, spec, None) for e in batch_reqs])
-                with torch.no_grad():
-                    serving(*(torch.from_numpy(seq[k]) for k in SEQUENCE_INPUTS), coupon_vectors)
+                torch_probabilities(collate([featurize_one(e, spec, None) for e in batch_reqs]))
             else:
                 scorers[name.split("_")[1]].score_many([{"events": e} for e in batch_reqs])
             runs.append(time.perf_counter() - t0)

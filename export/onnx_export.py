@@ -37,6 +37,7 @@ import torch
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from runtime.blend import BLEND_FILE, Blend
 from runtime.features import COUPON_INPUTS, SEQUENCE_INPUTS, FeatureSpec, coupon_features, featurize_batch
 from runtime.scorer import MANIFEST, MODEL_FORMAT, OUTPUTS, PROFILE_OUTPUT, ModelGraphs, session_options
 from training.model import CouponModel, CouponTowerExport, ProfileModel, ScoringModel, ServingModel
@@ -361,9 +362,18 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
             raise ExportCheckError(f"int8 top-1 agreement {quant['top1_agreement']:.4f} below {config.min_top1_agreement}")
 
         names = ("model.onnx", "model_fp32.onnx", "profile.onnx", "profile_fp32.onnx", "coupon_tower.onnx")
+        blend_entry = None
+        if ckpt.get("blend") is not None:
+            # validated like the runtime will read it, then written as the plain JSON the scorer loads
+            blend = Blend.from_dict(ckpt["blend"])
+            (work / BLEND_FILE).write_text(json.dumps(blend.to_dict(), indent=1))
+            names += (BLEND_FILE,)
+            blend_entry = {"file": BLEND_FILE, "network_weight": blend.network_weight,
+                           "what": "logistic regressions on aggregate features; served probabilities = "
+                                   "network_weight x network + (1 - network_weight) x logistic"}
         files = {name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size} for name in names}
-        served = hashlib.sha256("".join(files[n]["sha256"] for n in ("model.onnx", "profile.onnx", "coupon_tower.onnx"))
-                                .encode()).hexdigest()
+        served_files = ("model.onnx", "profile.onnx", "coupon_tower.onnx") + ((BLEND_FILE,) if blend_entry else ())
+        served = hashlib.sha256("".join(files[n]["sha256"] for n in served_files).encode()).hexdigest()
         int8_bytes = files["model.onnx"]["bytes"] + files["profile.onnx"]["bytes"]
         fp32_bytes = files["model_fp32.onnx"]["bytes"] + files["profile_fp32.onnx"]["bytes"]
         manifest = {
@@ -378,6 +388,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
                         "outputs": _io(int8.profile_session.get_outputs())},
             "coupon_tower": {"file": "coupon_tower.onnx", "inputs": _io(tower_sess.get_inputs()),
                              "outputs": _io(tower_sess.get_outputs())},
+            "blend": blend_entry,
             "feature_spec": spec.to_dict(),
             "model_config": ckpt["model_config"],
             "opset": OPSET,
@@ -393,6 +404,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
             "parity": {**parity, "int8_vs_fp32": quant},
             "checks": dataclasses.asdict(config),
             "training_metrics": ckpt.get("metrics", {}).get("heads", {}).get("transformer"),
+            "served_metrics": ckpt.get("metrics", {}).get("heads", {}).get("served_blend"),
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if out_dir.exists():

@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.allocation import Policy, estimate_order_value, incremental_value, load_policy, net_scores
+from runtime.blend import Blend, BlendError
 from runtime.features import FeatureSpec, collate, coupon_features, coupon_number, featurize_one
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,10 @@ class Scorer:
 
     ``precision`` picks the int8 graphs (``model.onnx``, ``profile.onnx``; the default) or the fp32 ones.
     Scoring runs the scoring graph, and the profile graph (the encoder) first only when the scoring
-    graph takes the profile as an input; :meth:`profile` runs the profile graph. Coupon vectors for
-    the catalog are computed once here, not per request. ``policy`` (a policy file, its parsed JSON or a
+    graph takes the profile as an input; :meth:`profile` runs the profile graph. When the model directory
+    has a ``blend.json`` (``runtime.blend``), the probabilities served are its weighted average of the
+    network's and logistic heads' (float64). Coupon vectors for the catalog are computed once here, not
+    per request. ``policy`` (a policy file, its parsed JSON or a
     ``runtime.allocation.Policy``) enables ``objective="profit"``; see :meth:`set_policy`.
     """
 
@@ -176,7 +179,9 @@ class Scorer:
         key = "file" if precision == "int8" else "fp32_file"
         scorer_file, profile_file = head["scorer"][key], head["profile"][key]
         tower_file = head["coupon_tower"]["file"]
-        self.manifest = read_manifest(self.model_dir, verify=verify, files=[scorer_file, profile_file, tower_file])
+        blend_file = (head.get("blend") or {}).get("file")
+        self.manifest = read_manifest(self.model_dir, verify=verify,
+                                      files=[scorer_file, profile_file, tower_file] + ([blend_file] if blend_file else []))
         self.model_version: str = self.manifest["model_version"]
         self.precision = precision
         self.spec = FeatureSpec.from_dict(self.manifest["feature_spec"])
@@ -184,6 +189,14 @@ class Scorer:
         providers = ["CPUExecutionProvider"]
         self._graphs = ModelGraphs(self.model_dir / profile_file, self.model_dir / scorer_file, opts)
         self._tower = ort.InferenceSession(str(self.model_dir / tower_file), opts, providers=providers)
+        # the logistic blend (runtime.blend), when the model directory has one: what the exported model
+        # serves is its average with the network's probabilities
+        self.blend: Blend | None = None
+        if blend_file:
+            try:
+                self.blend = Blend.from_dict(json.loads((self.model_dir / blend_file).read_text()))
+            except (OSError, json.JSONDecodeError, BlendError) as exc:
+                raise ModelIntegrityError(f"{self.model_dir / blend_file}: {exc}") from None
         self.set_catalog(catalog)
         self._policy: Policy | None = None
         if policy is not None:
@@ -193,9 +206,10 @@ class Scorer:
     def set_catalog(self, catalog: str | Path | Iterable[Mapping[str, Any]]) -> None:
         """Load (or replace) the catalog and compute its coupon vectors once."""
         coupons = load_catalog(catalog)
-        vectors = self._tower.run(None, coupon_features(coupons, self.spec))[0]  # [C, H]
-        # swap all three together so a concurrent request never sees a half-updated catalog
-        self._catalog_state = (coupons, {c["coupon_id"]: i for i, c in enumerate(coupons)}, vectors)
+        terms = coupon_features(coupons, self.spec)
+        vectors = self._tower.run(None, terms)[0]  # [C, H]
+        # swap all four together so a concurrent request never sees a half-updated catalog
+        self._catalog_state = (coupons, {c["coupon_id"]: i for i, c in enumerate(coupons)}, vectors, terms)
 
     @property
     def coupons(self) -> list[dict[str, Any]]:
@@ -207,7 +221,7 @@ class Scorer:
 
     def candidate_index(self, candidates: Sequence[str] | None) -> np.ndarray:
         """Catalog positions of ``candidates`` (all coupons when None); raises UnknownCouponError."""
-        coupons, index, _ = self._catalog_state
+        coupons, index = self._catalog_state[:2]
         if candidates is None:
             return np.arange(len(coupons))
         missing = [c for c in candidates if c not in index]
@@ -247,11 +261,17 @@ class Scorer:
     # ------------------------------------------------------------------------------------ inference
     def run(self, seq: Mapping[str, np.ndarray], coupon_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Raw model outputs for a featurized batch: p_redeem/p_buy [B, C], p_buy_control [B]."""
-        vectors = self._catalog_state[2]
-        return self._infer(seq, vectors if coupon_index is None else vectors[coupon_index])
+        _, _, vectors, terms = self._catalog_state
+        if coupon_index is None:
+            return self._infer(seq, vectors, terms)
+        return self._infer(seq, vectors[coupon_index], {k: v[coupon_index] for k, v in terms.items()})
 
-    def _infer(self, seq: Mapping[str, np.ndarray], coupon_vectors: np.ndarray) -> dict[str, np.ndarray]:
-        return dict(zip(OUTPUTS, self._graphs.probabilities(seq, coupon_vectors)))
+    def _infer(self, seq: Mapping[str, np.ndarray], coupon_vectors: np.ndarray,
+               coupon_terms: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        probabilities = self._graphs.probabilities(seq, coupon_vectors)
+        if self.blend is not None:
+            probabilities = self.blend.mix(probabilities, seq, coupon_terms)
+        return dict(zip(OUTPUTS, probabilities))
 
     def profiles(self, seq: Mapping[str, np.ndarray]) -> np.ndarray:
         """Profile vectors [B, D] (the encoder's output) of a featurized batch."""
@@ -289,7 +309,7 @@ class Scorer:
             raise ValueError(f"objective must be one of {list(ALL_OBJECTIVES)}, got {objective!r}")
         if k is not None and k < 1:
             raise ValueError("k must be >= 1")
-        coupons, _, vectors = self._catalog_state  # one snapshot: a concurrent set_catalog cannot mix in
+        coupons, _, vectors, terms = self._catalog_state  # one snapshot: a concurrent set_catalog cannot mix in
         whole_catalog = all(r.get("candidates") is None for r in requests)
         if whole_catalog:  # the common case: no candidate bookkeeping, no copy of the coupon vectors
             wanted, union, position = None, np.arange(len(coupons)), None
@@ -301,7 +321,8 @@ class Scorer:
         for start in range(0, len(requests), batch_size):
             chunk = requests[start:start + batch_size]
             seq = collate([featurize_one(r.get("events") or [], self.spec, r.get("now")) for r in chunk])
-            out = self._infer(seq, vectors if whole_catalog else vectors[union])
+            out = (self._infer(seq, vectors, terms) if whole_catalog else
+                   self._infer(seq, vectors[union], {k: v[union] for k, v in terms.items()}))
             for row, request_index in enumerate(range(start, start + len(chunk))):
                 if wanted is None:
                     cols = union

@@ -29,7 +29,9 @@ def test_policy_data_is_aligned(policy_data):
     for p in [policy_data.truth, *policy_data.models.values()]:
         assert p.p_redeem.shape == p.p_buy.shape == (n, c) and p.p_control.shape == (n,)
         assert np.isfinite(p.p_buy).all() and (p.p_redeem >= 0).all() and (p.p_buy <= 1).all()
-    assert set(policy_data.models) == {"transformer", "t_learner_gbm", "logistic"}
+    # the served model blends logistic heads into the network; the network alone is evaluated beside it
+    assert set(policy_data.models) == {"transformer", "network_only", "t_learner_gbm", "logistic"}
+    assert not np.allclose(policy_data.models["transformer"].p_buy, policy_data.models["network_only"].p_buy)
     assert policy_data.similarity.shape == (n, c) and (policy_data.similarity >= 0).all()
     assert (policy_data.order_value > 0).all() and policy_data.order_value_config["method"] == "history"
     assert set(np.unique(policy_data.experiment["treated"])) == {0, 1}
@@ -47,7 +49,7 @@ def test_every_policy_respects_the_budget_and_the_oracle_is_best(result):
                 assert row["spend"] <= block["budget"] * (1 + 1e-9), name
             assert row["incremental_profit"] <= oracle * (1 + 1e-6) + 1e-9, name
     assert result["full_budget"] > 0
-    assert set(result["uplift_metrics"]) == {"transformer", "t_learner_gbm", "logistic", "truth"}
+    assert set(result["uplift_metrics"]) == {"transformer", "network_only", "t_learner_gbm", "logistic", "truth"}
 
 
 def test_segment_breakdown_adds_up_to_the_headline_rows(policy_data, result):

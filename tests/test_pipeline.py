@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from runtime import ModelIntegrityError, Scorer, UnknownCouponError
+from runtime.blend import Blend
 from runtime.features import FeatureSpec
 
 
@@ -38,7 +39,7 @@ def test_training_writes_self_describing_artefacts(tiny_pipeline):
 def test_export_manifest_records_checks_and_checksums(tiny_pipeline):
     manifest = json.loads((tiny_pipeline.model_dir / "manifest.json").read_text())
     assert set(manifest["files"]) == {"model.onnx", "model_fp32.onnx", "profile.onnx", "profile_fp32.onnx",
-                                      "coupon_tower.onnx"}
+                                      "coupon_tower.onnx", "blend.json"}
     assert set(manifest["parity"]["cases"]) == {"empty_history", "one_event", "full_length", "mixed_batch"}
     assert manifest["parity"]["fp32_max_abs_diff"] < 1e-4
     # weight-only int8: the MatMul weights become int8 + DequantizeLinear (folded to fp32 weights at load)
@@ -142,12 +143,90 @@ def test_onnx_matches_torch_on_real_history(tiny_pipeline):
     fp32 = Scorer(tiny_pipeline.model_dir, tiny_pipeline.catalog, precision="fp32")
     spec = fp32.spec
     seq = collate([featurize_one(_history(n), spec, 1_700_000_000) for n in (0, 3, 30)])
+    terms = coupon_features(fp32.coupons, spec)
     with torch.no_grad():
-        coupons = {k: torch.from_numpy(v) for k, v in coupon_features(fp32.coupons, spec).items()}
-        _, buy, control = (torch.sigmoid(x).numpy() for x in model({k: torch.from_numpy(seq[k]) for k in SEQUENCE_INPUTS}, coupons))
+        coupons = {k: torch.from_numpy(v) for k, v in terms.items()}
+        network = [torch.sigmoid(x).numpy() for x in model({k: torch.from_numpy(seq[k]) for k in SEQUENCE_INPUTS}, coupons)]
+    # what the model directory serves: the network blended with the checkpoint's logistic heads
+    _, buy, control = Blend.from_dict(ckpt["blend"]).mix(network, seq, terms)
     out = fp32.run(seq)
     np.testing.assert_allclose(out["p_buy"], buy, atol=1e-5)
     np.testing.assert_allclose(out["p_buy_control"], control, atol=1e-5)
+
+
+def _issuance(n_rows, n_coupons, rng):
+    """IssuanceArrays of random histories and outcomes (a fifth in the control arm)."""
+    from runtime.features import featurize_batch
+    from training.dataset import IssuanceArrays, SequenceArrays
+    spec = FeatureSpec(max_len=20, n_item_buckets=64, categories=["c1", "c2", "c3"])
+    histories = [[{"ts": 1_700_000_000 - 3600 * j, "event": str(rng.choice(["view", "cart", "purchase"])),
+                   "item_id": f"i{rng.integers(50)}", "category": str(rng.choice(["c1", "c2", "c3", "zz"])),
+                   "price": float(rng.uniform(1, 90))} for j in range(rng.integers(0, 25))] for _ in range(n_rows)]
+    seq = SequenceArrays(featurize_batch(histories, spec, [1_700_000_000] * n_rows))
+    coupon_index = np.where(rng.random(n_rows) < 0.2, -1, rng.integers(n_coupons, size=n_rows))
+    purchased = (rng.random(n_rows) < 0.3).astype(np.float32)
+    redeemed = ((coupon_index >= 0) & (purchased > 0) & (rng.random(n_rows) < 0.5)).astype(np.float32)
+    return spec, IssuanceArrays(seq, coupon_index, redeemed, purchased, np.arange(n_rows).astype(str))
+
+
+def test_blend_reproduces_the_fitted_logistic_regressions():
+    """runtime.blend, numpy only, gives the probabilities scikit-learn gives for the fitted regressions."""
+    from runtime.features import coupon_features
+    from training.evaluate import AggregateLogistic
+    rng = np.random.default_rng(3)
+    catalog = [{"coupon_id": "a", "kind": "percent_off", "value": 10, "min_spend": 0, "category": "*"},
+               {"coupon_id": "b", "kind": "amount_off", "value": 5, "min_spend": 20, "category": "c2"},
+               {"coupon_id": "c", "kind": "free_shipping", "value": 5, "min_spend": 0, "category": "c1"}]
+    spec, data = _issuance(600, len(catalog), rng)
+    terms = coupon_features(catalog, spec)
+    fitted = AggregateLogistic(terms).fit(data)
+    blend = Blend.from_dict(json.loads(json.dumps(fitted.to_blend(0.3).to_dict())))  # through its JSON form
+    expected = fitted.predict_all(data.seq)
+    got = blend.probabilities(data.seq.arrays, terms)
+    for e, g in zip(expected, got):
+        np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-12)
+    network = [np.full_like(got[0], 0.5), np.full_like(got[1], 0.5), np.full_like(got[2], 0.5)]
+    mixed = blend.mix(network, data.seq.arrays, terms)
+    np.testing.assert_allclose(mixed[1], 0.3 * 0.5 + 0.7 * got[1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda d: d.update(format="other"), "format"),
+    (lambda d: d.update(network_weight=1.5), "network_weight"),
+    (lambda d: d["heads"].pop("p_buy"), "heads"),
+    (lambda d: d["heads"]["p_redeem"].update(coef=[1.0, 2.0]), "features"),
+    (lambda d: d["heads"]["p_buy"].update(scale=[0.0] * len(d["heads"]["p_buy"]["scale"])), "scale"),
+])
+def test_bad_blend_files_are_refused(tiny_pipeline, tmp_path, change, message):
+    from runtime.blend import BlendError
+    data = json.loads((tiny_pipeline.model_dir / "blend.json").read_text())
+    change(data)
+    with pytest.raises(BlendError, match=message):
+        Blend.from_dict(data)
+
+
+def test_the_served_model_is_the_blend(tiny_pipeline, tmp_path):
+    """The manifest lists and checksums blend.json, and the scorer serves the weighted average of the
+    network's and the logistic's probabilities; a tampered blend file is refused."""
+    manifest = json.loads((tiny_pipeline.model_dir / "manifest.json").read_text())
+    assert manifest["blend"]["file"] == "blend.json" and manifest["blend"]["network_weight"] == 0.5
+    assert "blend.json" in manifest["files"]
+    scorer = Scorer(tiny_pipeline.model_dir, tiny_pipeline.catalog)
+    assert scorer.blend is not None and scorer.blend.network_weight == 0.5
+    from runtime.features import collate, coupon_features, featurize_one
+    seq = collate([featurize_one(_history(n), scorer.spec, 1_700_000_000) for n in (0, 4, 25)])
+    terms = coupon_features(scorer.coupons, scorer.spec)
+    network = scorer._graphs.probabilities(seq, scorer._catalog_state[2])
+    logistic = scorer.blend.probabilities(seq, terms)
+    out = scorer.run(seq)
+    for name, net, lin in zip(("p_redeem", "p_buy", "p_buy_control"), network, logistic):
+        np.testing.assert_allclose(out[name], 0.5 * net + 0.5 * lin, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(out["p_buy"], network[1])  # the blend changes what is served
+    broken = tmp_path / "model"
+    shutil.copytree(tiny_pipeline.model_dir, broken)
+    (broken / "blend.json").write_text((broken / "blend.json").read_text().replace('"network_weight": 0.5', '"network_weight": 0.9'))
+    with pytest.raises(ModelIntegrityError, match="sha256"):
+        Scorer(broken, tiny_pipeline.catalog)
 
 
 def test_tampered_model_is_refused(tiny_pipeline, tmp_path):

@@ -14,7 +14,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from runtime.features import CATEGORY_ALL
+from runtime import blend
 from training.dataset import IssuanceArrays, SequenceArrays
 
 log = logging.getLogger(__name__)
@@ -56,41 +56,27 @@ def ranking_metrics(scores: np.ndarray, targets: np.ndarray, k: int = 10) -> dic
 # --------------------------------------------------------------------------------------- baselines
 
 def aggregate_features(seq: SequenceArrays) -> np.ndarray:
-    """Per-user aggregates of the featurized window ``[N, 8]``: what a data team would hand-craft."""
-    a = seq.arrays
-    ev = a["event_ids"]
-    real = ev >= 2
-    n = real.sum(axis=1)
-    views, carts, buys = ((ev == k).sum(axis=1) for k in (2, 3, 4))
-    log_price = np.where(real, a["seq_numeric"][..., 0], 0.0).sum(axis=1) / np.maximum(n, 1)
-    last_age = np.where(n > 0, a["seq_numeric"][:, -2, 1], 2.0)  # event before the USER token
-    n_cats = np.array([len(np.unique(row[row > 0])) for row in a["category_ids"]])
-    return np.stack([np.log1p(views), np.log1p(carts), np.log1p(buys), log_price, last_age,
-                     buys / np.maximum(carts, 1), np.log1p(n_cats), (n == 0).astype(float)], axis=1)
+    """Per-user aggregates of the featurized window ``[N, 8]`` (``runtime.blend``, which serves them)."""
+    return blend.aggregate_features(seq.arrays)
 
 
 def category_share(seq: SequenceArrays, coupon_category_ids: np.ndarray) -> np.ndarray:
     """``[N, C]`` share of each user's events in each coupon's category (1 for all-category coupons)."""
-    cats = seq.arrays["category_ids"]
-    n = np.maximum((cats > 0).sum(axis=1), 1)[:, None]
-    share = (cats[:, :, None] == coupon_category_ids[None, None, :]).sum(axis=1) / n
-    return np.where(coupon_category_ids[None, :] == CATEGORY_ALL, 1.0, share)
+    return blend.category_share(seq.arrays, coupon_category_ids)
 
 
 class AggregateLogistic:
     """Logistic regression on aggregate user features (x coupon terms for the coupon heads)."""
 
     def __init__(self, coupon_arrays: Mapping[str, np.ndarray], seed: int = 0):
-        self.coupon_numeric = coupon_arrays["coupon_numeric"]
-        self.coupon_kind = np.eye(4)[coupon_arrays["coupon_kind_ids"]]
+        self.coupon_terms = blend.coupon_terms(coupon_arrays)
         self.coupon_category = coupon_arrays["coupon_category_ids"]
         self.models = {h: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
                        for h in HEADS}
 
     def _pair_features(self, seq: SequenceArrays, user_feats: np.ndarray, coupon_index: np.ndarray) -> np.ndarray:
         share = category_share(seq, self.coupon_category)[np.arange(len(coupon_index)), coupon_index]
-        c = np.concatenate([self.coupon_numeric, self.coupon_kind], axis=1)[coupon_index]
-        return np.concatenate([user_feats, c, share[:, None], user_feats * share[:, None]], axis=1)
+        return blend.pair_features(user_feats, self.coupon_terms[coupon_index], share)
 
     def fit(self, data: IssuanceArrays) -> "AggregateLogistic":
         u = aggregate_features(data.seq)
@@ -112,7 +98,7 @@ class AggregateLogistic:
     def predict_all(self, seq: SequenceArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``[N, C]`` p_redeem, p_buy and ``[N]`` p_buy_control for every user x every coupon."""
         u = aggregate_features(seq)
-        n, c = len(u), len(self.coupon_numeric)
+        n, c = len(u), len(self.coupon_terms)
         p_redeem = np.zeros((n, c))
         p_buy = np.zeros((n, c))
         for j in range(c):
@@ -120,6 +106,16 @@ class AggregateLogistic:
             p_redeem[:, j] = self.models["p_redeem"].predict_proba(x)[:, 1]
             p_buy[:, j] = self.models["p_buy"].predict_proba(x)[:, 1]
         return p_redeem, p_buy, self.models["p_buy_control"].predict_proba(u)[:, 1]
+
+
+    def to_blend(self, network_weight: float = 0.5) -> blend.Blend:
+        """The fitted regressions as a :class:`runtime.blend.Blend` (what the model directory serves)."""
+        heads = {}
+        for name, pipeline in self.models.items():
+            scaler, logistic = pipeline[0], pipeline[-1]
+            heads[name] = blend.LinearHead(scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64),
+                                           logistic.coef_[0].astype(np.float64), float(logistic.intercept_[0]))
+        return blend.Blend(heads, network_weight)
 
 
 def popularity_rows(train: IssuanceArrays, data: IssuanceArrays, n_coupons: int):

@@ -215,13 +215,21 @@ def load_policy_data(data_dir: str | Path, checkpoint: str | Path | None, model_
         spec = FeatureSpec.from_dict(manifest["feature_spec"])
         eval_seq = sequence_arrays(histories, user_ids.tolist(), nows.tolist(), spec)
         models = {"transformer": _onnx_predictions(model_dir, eval_seq, coupons)}
+        if manifest.get("blend"):  # the served model blends in logistic heads: show the network alone too
+            models["network_only"] = _onnx_predictions(model_dir, eval_seq, coupons, blend=False)
         eval_fraction = _eval_fraction(checkpoint, data_dir)
     else:
         from training.train import load_checkpoint
         model, ckpt = load_checkpoint(checkpoint)
         spec = FeatureSpec.from_dict(ckpt["feature_spec"])
         eval_seq = sequence_arrays(histories, user_ids.tolist(), nows.tolist(), spec)
-        models = {"transformer": _torch_predictions(model, eval_seq, coupons, spec)}
+        network = _torch_predictions(model, eval_seq, coupons, spec)
+        models = {"transformer": network}
+        if ckpt.get("blend") is not None:  # what the export will serve: the network blended with logistic heads
+            from runtime.blend import Blend
+            mixed = Blend.from_dict(ckpt["blend"]).mix([network.p_redeem, network.p_buy, network.p_control],
+                                                       eval_seq.arrays, coupon_features(coupons, spec))
+            models = {"transformer": Predictions(*mixed), "network_only": network}
         eval_fraction = float(ckpt["train_config"].get("eval_fraction", 0.2))
 
     is_eval = data_io.is_eval_user(issuance["user_id"].tolist(), eval_fraction)
@@ -264,9 +272,12 @@ def _eval_fraction(checkpoint: str | Path | None, data_dir: Path) -> float:
     return 0.2
 
 
-def _onnx_predictions(model_dir: str | Path, seq, coupons: list[dict]) -> Predictions:
+def _onnx_predictions(model_dir: str | Path, seq, coupons: list[dict], blend: bool = True) -> Predictions:
+    """What the model directory serves for ``seq`` x ``coupons``; ``blend=False``: the network alone."""
     from runtime.scorer import Scorer
     scorer = Scorer(model_dir, coupons)
+    if not blend:
+        scorer.blend = None
     index = scorer.candidate_index([c["coupon_id"] for c in coupons])
     outs = [scorer.run({k: v[rows] for k, v in seq.arrays.items()}, index)
             for rows in np.array_split(np.arange(len(seq)), max(1, len(seq) // 512))]
@@ -507,12 +518,15 @@ def headline(result: Mapping[str, Any], share: float = HEADLINE_BUDGET) -> dict[
 # ---------------------------------------------------------------------------------------- reporting
 
 POLICY_LABELS = {
+    "transformer": "ours (served model)",
+    "network_only": "ours, network alone",
     "random": "random coupon",
     "similarity": "similarity (category match)",
     "p_redeem": "highest p_redeem",
     "uplift": "highest uplift",
     "allocation": "budgeted allocation (ours)",
     "allocation_planned": "  ours, lambda planned, unpaced",
+    "allocation_network_only": "  ours, network alone (no blend)",
     "allocation_t_learner_gbm": "T-learner GBM allocation",
     "allocation_logistic": "logistic allocation",
     "oracle": "oracle (true probabilities)",
@@ -557,8 +571,8 @@ def format_tables(result: Mapping[str, Any], share: float = HEADLINE_BUDGET) -> 
         lines.append("")
         lines.append(f"Where the coupons go at {segments['share']:.0%}, by the simulator's latent response type: "
                      "coupons given / true incremental profit")
-        short = {"allocation": "ours", "allocation_t_learner_gbm": "T-learner GBM", "allocation_logistic": "logistic",
-                 "oracle": "oracle"}
+        short = {"allocation": "ours", "allocation_network_only": "network alone",
+                 "allocation_t_learner_gbm": "T-learner GBM", "allocation_logistic": "logistic", "oracle": "oracle"}
         lines.append(f"{'response type':<16}{'users':>7}" + "".join(f"{short.get(n, n):>18}" for n in names))
         for segment, row in segments["rows"].items():
             lines.append(f"{segment:<16}{row['users']['n']:>7d}" + "".join(

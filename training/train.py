@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from runtime.blend import Blend
 from runtime.features import FeatureSpec
 from training import data as data_io
 from training import distributed
@@ -279,11 +280,17 @@ def _subset(data: IssuanceArrays, mask: np.ndarray) -> IssuanceArrays:
 
 
 def evaluate(model: CouponModel, td: TrainingData, train: IssuanceArrays, held_out: IssuanceArrays,
-             pre_train: PretrainArrays, pre_eval: PretrainArrays, coupons: dict[str, torch.Tensor], seed: int) -> dict:
+             pre_train: PretrainArrays, pre_eval: PretrainArrays, coupons: dict[str, torch.Tensor], seed: int,
+             blend: Blend | None = None) -> dict:
     metrics: dict[str, Any] = {"heads": {}, "next_item": {}, "truth": {}}
     p_redeem_all, p_buy_all, p_control = predict_all(model, held_out.seq, coupons)
     p_redeem, p_buy = rows_for_issued(p_redeem_all, p_buy_all, held_out)
     metrics["heads"]["transformer"] = head_metrics(held_out, p_redeem, p_buy, p_control)
+    if blend is not None:  # what the exported model serves: the network's probabilities blended with the logistic's
+        served = blend.mix([p_redeem_all, p_buy_all, p_control], held_out.seq.arrays,
+                           {k: v.numpy() for k, v in coupons.items()})
+        metrics["heads"]["served_blend"] = head_metrics(held_out, *rows_for_issued(served[0], served[1], held_out),
+                                                        served[2])
     metrics["heads"]["popularity"] = head_metrics(held_out, *popularity_rows(train, held_out, len(td.coupons)))
     coupon_np = {k: v.numpy() for k, v in coupons.items()}
     logistic = AggregateLogistic(coupon_np, seed).fit(train)
@@ -323,7 +330,9 @@ def _truth_matrix(truth: pd.DataFrame, user_ids: np.ndarray, coupon_ids: list[st
 
 
 def save_checkpoint(path: Path, model: CouponModel, spec: FeatureSpec, coupons: list[dict], config: TrainConfig,
-                    metrics: dict) -> None:
+                    metrics: dict, blend: Blend | None = None) -> None:
+    """The checkpoint carries everything export needs: config, feature spec, catalog, metrics, weights,
+    and the logistic blend's coefficients (plain lists: ``weights_only`` loading stays possible)."""
     torch.save({
         "format": "edgecoupon-checkpoint/1",
         "model_config": dataclasses.asdict(model.config),
@@ -332,6 +341,7 @@ def save_checkpoint(path: Path, model: CouponModel, spec: FeatureSpec, coupons: 
         "train_config": config.to_dict(),
         "metrics": metrics,
         "state_dict": model.state_dict(),
+        "blend": blend.to_dict() if blend is not None else None,
     }, path)
 
 
@@ -398,7 +408,11 @@ def run(config: TrainConfig) -> Path:
     if not world.is_main:
         return out / CHECKPOINT
     pre_eval = pretrain_arrays(td.histories, users[first & td.eval_mask], nows[first & td.eval_mask], spec)
-    metrics = evaluate(model, td, train, held_out, pre_train, pre_eval, coupons, config.seed)
+    blend = None
+    if config.network_weight < 1.0:
+        coupon_np = {k: v.numpy() for k, v in coupons.items()}
+        blend = AggregateLogistic(coupon_np, config.seed).fit(train).to_blend(config.network_weight)
+    metrics = evaluate(model, td, train, held_out, pre_train, pre_eval, coupons, config.seed, blend)
     metrics["train"] = {"pretrain_final_loss": float(np.mean(pre_losses[-20:])) if pre_losses else None,
                         "finetune": fine,
                         "ranks": world.size,
@@ -407,6 +421,6 @@ def run(config: TrainConfig) -> Path:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("evaluation on held-out users:\n%s", format_table(metrics))
     path = out / CHECKPOINT
-    save_checkpoint(path, model, spec, td.coupons, config, metrics)
+    save_checkpoint(path, model, spec, td.coupons, config, metrics, blend)
     log.info("wrote %s in %.0f s", path, time.perf_counter() - started)
     return path

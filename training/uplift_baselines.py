@@ -16,6 +16,7 @@ from typing import Mapping
 import numpy as np
 from sklearn.ensemble import HistGradientBoostingClassifier
 
+from runtime import blend
 from training.dataset import IssuanceArrays, SequenceArrays
 from training.evaluate import aggregate_features, category_share
 
@@ -32,14 +33,12 @@ class TLearnerGBM:
     """Two gradient-boosted models: treated (per coupon terms) and control. Same API as AggregateLogistic."""
 
     def __init__(self, coupon_arrays: Mapping[str, np.ndarray], seed: int = 0):
-        self.coupon_numeric = np.asarray(coupon_arrays["coupon_numeric"], dtype=np.float64)
-        self.coupon_kind = np.eye(4)[coupon_arrays["coupon_kind_ids"]]
+        self.coupon_terms = blend.coupon_terms(coupon_arrays).astype(np.float64)
         self.coupon_category = coupon_arrays["coupon_category_ids"]
         self.models = {"p_redeem": _gbm(seed), "p_buy": _gbm(seed + 1), "p_buy_control": _gbm(seed + 2)}
 
     def _pair_features(self, user_feats: np.ndarray, share: np.ndarray, coupon_index: np.ndarray) -> np.ndarray:
-        terms = np.concatenate([self.coupon_numeric, self.coupon_kind], axis=1)[coupon_index]
-        return np.concatenate([user_feats, terms, share[:, None]], axis=1)
+        return np.concatenate([user_feats, self.coupon_terms[coupon_index], share[:, None]], axis=1)
 
     def fit(self, data: IssuanceArrays) -> "TLearnerGBM":
         u = aggregate_features(data.seq)
@@ -60,7 +59,7 @@ class TLearnerGBM:
         """``[N, C]`` p_redeem, p_buy and ``[N]`` p_buy_control for every user x every coupon."""
         u = aggregate_features(seq)
         share = category_share(seq, self.coupon_category)
-        n, c = len(u), len(self.coupon_numeric)
+        n, c = len(u), len(self.coupon_terms)
         x = np.concatenate([self._pair_features(u, share[:, j], np.full(n, j)) for j in range(c)])
         p_redeem = self.models["p_redeem"].predict_proba(x)[:, 1].reshape(c, n).T
         p_buy = self.models["p_buy"].predict_proba(x)[:, 1].reshape(c, n).T

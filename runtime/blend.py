@@ -1,0 +1,152 @@
+"""A second model family served beside the network: logistic regressions on aggregate features.
+
+The budgeted allocation is sensitive to errors that AUC does not show. On the default data, the
+network's heads alone captured 13.2% of the oracle's incremental profit at a 30% budget, a logistic
+regression on aggregate features 31.8%, and the average of the two models' probabilities 35.4%:
+the two families make different errors (README, "Which coupon, for whom"). So the exported model
+can carry the logistic's coefficients (``blend.json``: plain JSON, never pickle) and the scorer
+averages the two families' probabilities with the weight given there.
+
+The features are computed here, from the featurizer's arrays, so that training (which fits the
+regressions, ``training.evaluate.AggregateLogistic``) and serving compute them the same way:
+
+* per user (:func:`aggregate_features`, ``[B, 8]``): log counts of views, carts and purchases, mean log
+  price, age of the latest event, purchases per cart, log number of distinct categories, empty flag;
+* per user x coupon (:func:`pair_features`): the user's features, the coupon's numeric terms and kind
+  (one-hot), the share of the user's events in the coupon's category (1 for all-category coupons), and
+  the user's features times that share.
+
+Each head is ``sigmoid(((x - mean) / scale) . coef + intercept)``: scikit-learn's StandardScaler +
+LogisticRegression, with the coefficients copied out.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from runtime.features import CATEGORY_ALL
+
+BLEND_FORMAT = "edgecoupon-blend/1"
+BLEND_FILE = "blend.json"  # its name in a model directory (listed in the manifest's "blend" entry)
+HEADS = ("p_redeem", "p_buy", "p_buy_control")
+N_KINDS = 4  # one-hot width of the coupon kind ids (PAD + COUPON_KINDS)
+
+
+class BlendError(ValueError):
+    """A blend file that cannot be used (wrong format, missing head, shapes that do not fit)."""
+
+
+def aggregate_features(seq: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Per-user aggregates of a featurized, left-padded batch ``[B, 8]``."""
+    ev = seq["event_ids"]
+    real = ev >= 2
+    n = real.sum(axis=1)
+    views, carts, buys = ((ev == k).sum(axis=1) for k in (2, 3, 4))
+    # float64: float32 sums would round differently with more left padding, so a user's features would
+    # depend on the batch they are scored in
+    numeric = seq["seq_numeric"].astype(np.float64)
+    log_price = np.where(real, numeric[..., 0], 0.0).sum(axis=1) / np.maximum(n, 1)
+    # the event just before the USER token (left padding); an empty history gets a fixed "long ago"
+    last_age = np.where(n > 0, numeric[:, -2, 1] if ev.shape[1] >= 2 else 0.0, 2.0)
+    cats = seq["category_ids"]
+    n_cats = np.array([len(np.unique(row[row > 0])) for row in cats])
+    return np.stack([np.log1p(views), np.log1p(carts), np.log1p(buys), log_price, last_age,
+                     buys / np.maximum(carts, 1), np.log1p(n_cats), (n == 0).astype(float)], axis=1)
+
+
+def category_share(seq: Mapping[str, np.ndarray], coupon_category_ids: np.ndarray) -> np.ndarray:
+    """``[B, C]`` share of each user's events in each coupon's category (1 for all-category coupons)."""
+    cats = seq["category_ids"]
+    n = np.maximum((cats > 0).sum(axis=1), 1)[:, None]
+    share = (cats[:, :, None] == coupon_category_ids[None, None, :]).sum(axis=1) / n
+    return np.where(coupon_category_ids[None, :] == CATEGORY_ALL, 1.0, share)
+
+
+def coupon_terms(coupons: Mapping[str, np.ndarray]) -> np.ndarray:
+    """``[C, 4 + N_KINDS]``: the coupon tower's numeric terms and the kind, one-hot."""
+    return np.concatenate([coupons["coupon_numeric"], np.eye(N_KINDS)[coupons["coupon_kind_ids"]]], axis=1)
+
+
+def pair_features(user: np.ndarray, terms: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """``[..., F]`` rows for users ``[..., A]`` x coupon terms ``[..., K]`` with category share ``[...]``."""
+    share = share[..., None]
+    return np.concatenate([user, terms, share, user * share], axis=-1)
+
+
+@dataclass
+class LinearHead:
+    mean: np.ndarray  # [F] StandardScaler mean
+    scale: np.ndarray  # [F] StandardScaler scale
+    coef: np.ndarray  # [F] LogisticRegression coefficients
+    intercept: float
+
+    def probability(self, x: np.ndarray) -> np.ndarray:
+        z = ((x - self.mean) / self.scale) @ self.coef + self.intercept
+        return 1.0 / (1.0 + np.exp(-z))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "coef": self.coef.tolist(),
+                "intercept": self.intercept}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], width: int, name: str) -> "LinearHead":
+        try:
+            head = cls(*(np.asarray(data[k], dtype=np.float64) for k in ("mean", "scale", "coef")),
+                       float(data["intercept"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BlendError(f"blend head {name!r}: {exc}") from None
+        if not all(a.shape == (width,) for a in (head.mean, head.scale, head.coef)):
+            raise BlendError(f"blend head {name!r}: expected {width} features")
+        if not (np.isfinite(head.coef).all() and np.isfinite(head.mean).all() and (head.scale > 0).all()
+                and math.isfinite(head.intercept)):
+            raise BlendError(f"blend head {name!r}: non-finite coefficients or non-positive scale")
+        return head
+
+
+@dataclass
+class Blend:
+    """The logistic heads and the weight of the network's probabilities in the average."""
+
+    heads: dict[str, LinearHead]
+    network_weight: float = 0.5  # the network's share of each blended probability; the rest is the logistic's
+
+    def probabilities(self, seq: Mapping[str, np.ndarray], coupons: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """The logistic's [p_redeem [B, C], p_buy [B, C], p_buy_control [B]] for a featurized batch."""
+        user = aggregate_features(seq)  # [B, A]
+        terms = coupon_terms(coupons)  # [C, K]
+        share = category_share(seq, coupons["coupon_category_ids"])  # [B, C]
+        b, c = share.shape
+        x = pair_features(np.broadcast_to(user[:, None, :], (b, c, user.shape[1])),
+                          np.broadcast_to(terms[None], (b, c, terms.shape[1])), share)  # [B, C, F]
+        return [self.heads["p_redeem"].probability(x), self.heads["p_buy"].probability(x),
+                self.heads["p_buy_control"].probability(user)]
+
+    def mix(self, network: list[np.ndarray], seq: Mapping[str, np.ndarray],
+            coupons: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """Average the network's probabilities with the logistic's (same order and shapes as ``OUTPUTS``; float64)."""
+        w = self.network_weight
+        # float64 out: rounding the average back to float32 would add a last-bit flip of its own, which the
+        # cancellation in uplift x margin x order value - p_redeem x cost magnifies
+        return [w * net.astype(np.float64) + (1.0 - w) * lin for net, lin in zip(network, self.probabilities(seq, coupons))]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": BLEND_FORMAT, "network_weight": self.network_weight,
+                "heads": {name: head.to_dict() for name, head in self.heads.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "Blend":
+        if not isinstance(data, Mapping) or data.get("format") != BLEND_FORMAT:
+            raise BlendError(f"not a blend file of format {BLEND_FORMAT!r}")
+        weight = data.get("network_weight")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= weight <= 1.0:
+            raise BlendError(f"network_weight must be a number in [0, 1], got {weight!r}")
+        heads = data.get("heads")
+        if not isinstance(heads, Mapping) or set(heads) != set(HEADS):
+            raise BlendError(f"heads must be exactly {list(HEADS)}")
+        n_user = 8
+        n_pair = n_user + 4 + N_KINDS + 1 + n_user
+        return cls({name: LinearHead.from_dict(heads[name], n_user if name == "p_buy_control" else n_pair, name)
+                    for name in HEADS}, float(weight))
