@@ -35,6 +35,10 @@ HEADS = ("p_redeem", "p_buy", "p_buy_control")
 N_KINDS = 4  # one-hot width of the coupon kind ids (PAD + COUPON_KINDS)
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
 class BlendError(ValueError):
     """A blend file that cannot be used (wrong format, missing head, shapes that do not fit)."""
 
@@ -51,8 +55,9 @@ def aggregate_features(seq: Mapping[str, np.ndarray]) -> np.ndarray:
     log_price = np.where(real, numeric[..., 0], 0.0).sum(axis=1) / np.maximum(n, 1)
     # the event just before the USER token (left padding); an empty history gets a fixed "long ago"
     last_age = np.where(n > 0, numeric[:, -2, 1] if ev.shape[1] >= 2 else 0.0, 2.0)
-    cats = seq["category_ids"]
-    n_cats = np.array([len(np.unique(row[row > 0])) for row in cats])
+    # distinct categories per row (ids > 0), vectorized: sorted, count where a positive id starts
+    ordered = np.sort(seq["category_ids"], axis=1)
+    n_cats = (ordered[:, 0] > 0).astype(np.int64) + ((ordered[:, 1:] != ordered[:, :-1]) & (ordered[:, 1:] > 0)).sum(axis=1)
     return np.stack([np.log1p(views), np.log1p(carts), np.log1p(buys), log_price, last_age,
                      buys / np.maximum(carts, 1), np.log1p(n_cats), (n == 0).astype(float)], axis=1)
 
@@ -83,9 +88,24 @@ class LinearHead:
     coef: np.ndarray  # [F] LogisticRegression coefficients
     intercept: float
 
+    def __post_init__(self) -> None:
+        # the scaler folded into the coefficients: one dot product per row at serving time
+        self.weights = self.coef / self.scale
+        self.bias = float(self.intercept - self.mean @ self.weights)
+
     def probability(self, x: np.ndarray) -> np.ndarray:
-        z = ((x - self.mean) / self.scale) @ self.coef + self.intercept
-        return 1.0 / (1.0 + np.exp(-z))
+        return _sigmoid(x @ self.weights + self.bias)
+
+    def pair_logits(self, user: np.ndarray, terms: np.ndarray, share: np.ndarray) -> np.ndarray:
+        """``[B, C]`` logits of ``pair_features(user, terms, share)`` without building that ``[B, C, F]`` array:
+        the features are user | terms | share | user x share, so the logit splits into a user part, a
+        coupon part, and the share times a user-dependent slope."""
+        a, k = user.shape[1], terms.shape[1]
+        w = self.weights
+        user_part = user @ w[:a]  # [B]
+        coupon_part = terms @ w[a:a + k]  # [C]
+        slope = w[a + k] + user @ w[a + k + 1:]  # [B]
+        return user_part[:, None] + coupon_part[None, :] + share * slope[:, None] + self.bias
 
     def to_dict(self) -> dict[str, Any]:
         return {"mean": self.mean.tolist(), "scale": self.scale.tolist(), "coef": self.coef.tolist(),
@@ -94,16 +114,15 @@ class LinearHead:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], width: int, name: str) -> "LinearHead":
         try:
-            head = cls(*(np.asarray(data[k], dtype=np.float64) for k in ("mean", "scale", "coef")),
-                       float(data["intercept"]))
+            mean, scale, coef = (np.asarray(data[k], dtype=np.float64) for k in ("mean", "scale", "coef"))
+            intercept = float(data["intercept"])
         except (KeyError, TypeError, ValueError) as exc:
             raise BlendError(f"blend head {name!r}: {exc}") from None
-        if not all(a.shape == (width,) for a in (head.mean, head.scale, head.coef)):
+        if not all(a.shape == (width,) for a in (mean, scale, coef)):
             raise BlendError(f"blend head {name!r}: expected {width} features")
-        if not (np.isfinite(head.coef).all() and np.isfinite(head.mean).all() and (head.scale > 0).all()
-                and math.isfinite(head.intercept)):
+        if not (np.isfinite(coef).all() and np.isfinite(mean).all() and (scale > 0).all() and math.isfinite(intercept)):
             raise BlendError(f"blend head {name!r}: non-finite coefficients or non-positive scale")
-        return head
+        return cls(mean, scale, coef, intercept)
 
 
 @dataclass
@@ -118,10 +137,8 @@ class Blend:
         user = aggregate_features(seq)  # [B, A]
         terms = coupon_terms(coupons)  # [C, K]
         share = category_share(seq, coupons["coupon_category_ids"])  # [B, C]
-        b, c = share.shape
-        x = pair_features(np.broadcast_to(user[:, None, :], (b, c, user.shape[1])),
-                          np.broadcast_to(terms[None], (b, c, terms.shape[1])), share)  # [B, C, F]
-        return [self.heads["p_redeem"].probability(x), self.heads["p_buy"].probability(x),
+        return [_sigmoid(self.heads["p_redeem"].pair_logits(user, terms, share)),
+                _sigmoid(self.heads["p_buy"].pair_logits(user, terms, share)),
                 self.heads["p_buy_control"].probability(user)]
 
     def mix(self, network: list[np.ndarray], seq: Mapping[str, np.ndarray],
