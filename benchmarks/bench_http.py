@@ -248,10 +248,15 @@ def scorer_parts(app, body: bytes, n: int) -> dict[str, float]:
             times.append(time.perf_counter() - started)
         return round(statistics.median(times) * 1e6, 1)
 
-    return {"validate": median_us(lambda: parse_score(orjson.loads(body), limits)),
-            "featurize": median_us(lambda: collate([featurize_one(events, scorer.spec, now)])),
-            "onnxruntime": median_us(lambda: scorer.run(seq)),
-            "score_many": median_us(lambda: scorer.score_many([user], k=10))}
+    vectors, terms = scorer._catalog_state[2], scorer._catalog_state[3]
+    network = scorer._graphs.probabilities(seq, vectors)
+    parts = {"validate": median_us(lambda: parse_score(orjson.loads(body), limits)),
+             "featurize": median_us(lambda: collate([featurize_one(events, scorer.spec, now)])),
+             "onnxruntime": median_us(lambda: scorer._graphs.probabilities(seq, vectors))}
+    if scorer.blend is not None:
+        parts["blend"] = median_us(lambda: scorer.blend.mix(network, seq, terms))
+    parts["score_many"] = median_us(lambda: scorer.score_many([user], k=10))
+    return parts
 
 
 def main(argv=None) -> int:
@@ -345,8 +350,9 @@ def main(argv=None) -> int:
           f"      noop/score {cpu_ratio:.2f}")
     print(f"  in process       /v1/_noop {inproc['/v1/_noop']:8.1f} us      /v1/score {inproc['/v1/score']:8.1f} us")
     parts = inproc["parts"]
+    blend = f", logistic blend {parts['blend']:.1f} us" if "blend" in parts else ""
     print(f"  score's parts    validate {parts['validate']:.1f} us, featurize {parts['featurize']:.1f} us, onnxruntime "
-          f"{parts['onnxruntime']:.1f} us, whole Scorer.score_many {parts['score_many']:.1f} us (medians, called directly)")
+          f"{parts['onnxruntime']:.1f} us{blend}, whole Scorer.score_many {parts['score_many']:.1f} us (medians, called directly)")
     for share in ("50%", "80%"):
         r = paced[share]
         print(f"  /v1/score at {share} of max (open loop, {r['offered_rps']:.0f} req/s offered, {r['throughput_rps']:.0f} answered): "
