@@ -4,7 +4,7 @@ The budgeted allocation is sensitive to errors that AUC does not show. On the de
 network's heads alone captured 13.2% of the oracle's incremental profit at a 30% budget, a logistic
 regression on aggregate features 31.8%, and the average of the two models' probabilities 35.4%:
 the two families make different errors (README, "Which coupon, for whom"). So the exported model
-can carry the logistic's coefficients (``blend.json``: plain JSON, never pickle) and the scorer
+can carry the logistic's coefficients (``blend.json``, plain JSON) and the scorer
 averages the two families' probabilities with the weight given there.
 
 The features are computed here, from the featurizer's arrays, so that training (which fits the

@@ -281,19 +281,18 @@ def _subset(data: IssuanceArrays, mask: np.ndarray) -> IssuanceArrays:
 
 def evaluate(model: CouponModel, td: TrainingData, train: IssuanceArrays, held_out: IssuanceArrays,
              pre_train: PretrainArrays, pre_eval: PretrainArrays, coupons: dict[str, torch.Tensor], seed: int,
-             blend: Blend | None = None) -> dict:
+             blend: Blend | None = None, logistic: AggregateLogistic | None = None) -> dict:
     metrics: dict[str, Any] = {"heads": {}, "next_item": {}, "truth": {}}
     p_redeem_all, p_buy_all, p_control = predict_all(model, held_out.seq, coupons)
     p_redeem, p_buy = rows_for_issued(p_redeem_all, p_buy_all, held_out)
     metrics["heads"]["transformer"] = head_metrics(held_out, p_redeem, p_buy, p_control)
+    coupon_np = {k: v.numpy() for k, v in coupons.items()}
     if blend is not None:  # what the exported model serves: the network's probabilities blended with the logistic's
-        served = blend.mix([p_redeem_all, p_buy_all, p_control], held_out.seq.arrays,
-                           {k: v.numpy() for k, v in coupons.items()})
+        served = blend.mix([p_redeem_all, p_buy_all, p_control], held_out.seq.arrays, coupon_np)
         metrics["heads"]["served_blend"] = head_metrics(held_out, *rows_for_issued(served[0], served[1], held_out),
                                                         served[2])
     metrics["heads"]["popularity"] = head_metrics(held_out, *popularity_rows(train, held_out, len(td.coupons)))
-    coupon_np = {k: v.numpy() for k, v in coupons.items()}
-    logistic = AggregateLogistic(coupon_np, seed).fit(train)
+    logistic = logistic or AggregateLogistic(coupon_np, seed).fit(train)
     metrics["heads"]["logistic_aggregates"] = head_metrics(held_out, *logistic.predict_rows(held_out))
 
     item_targets = pre_eval.item_targets[:, -1]
@@ -408,11 +407,10 @@ def run(config: TrainConfig) -> Path:
     if not world.is_main:
         return out / CHECKPOINT
     pre_eval = pretrain_arrays(td.histories, users[first & td.eval_mask], nows[first & td.eval_mask], spec)
-    blend = None
-    if config.network_weight < 1.0:
-        coupon_np = {k: v.numpy() for k, v in coupons.items()}
-        blend = AggregateLogistic(coupon_np, config.seed).fit(train).to_blend(config.network_weight)
-    metrics = evaluate(model, td, train, held_out, pre_train, pre_eval, coupons, config.seed, blend)
+    # the logistic baseline; its coefficients are also what the exported model blends in (runtime.blend)
+    logistic = AggregateLogistic({k: v.numpy() for k, v in coupons.items()}, config.seed).fit(train)
+    blend = logistic.to_blend(config.network_weight) if config.network_weight < 1.0 else None
+    metrics = evaluate(model, td, train, held_out, pre_train, pre_eval, coupons, config.seed, blend, logistic)
     metrics["train"] = {"pretrain_final_loss": float(np.mean(pre_losses[-20:])) if pre_losses else None,
                         "finetune": fine,
                         "ranks": world.size,
