@@ -21,7 +21,7 @@ with a greedy fill. ``SolveStats.dual_bound`` is the Lagrangian bound, an upper 
 optimum, so every solution carries its own optimality certificate (``gap``).
 
 The multipliers are all an edge node needs: :func:`save_policy` writes them to a small JSON file
-(plain JSON, nothing executable) and :func:`decide` applies them to one request's scores, answering "no coupon" when
+and :func:`decide` applies them to one request's scores, answering "no coupon" when
 no coupon is worth its cost at the current multiplier. The pacing controller
 (``training.pacing``) moves ``lambda`` during a campaign so that observed spend follows the plan.
 """
