@@ -140,7 +140,7 @@ class FeatureSpec:
         return bucket
 
 
-_EVENT_ID = {kind: i + 2 for i, kind in enumerate(EVENT_KINDS)}
+EVENT_IDS = {kind: i + 2 for i, kind in enumerate(EVENT_KINDS)}
 _COUPON_KIND_ID = {kind: i + 1 for i, kind in enumerate(COUPON_KINDS)}
 
 
@@ -194,7 +194,7 @@ def _clean_events(events: Iterable[Mapping[str, Any]], now: float | None) -> lis
     checked by exact type first; anything else goes through the general, slower validation.
     """
     rows = []
-    event_ids = _EVENT_ID
+    event_ids = EVENT_IDS
     for i, event in enumerate(events):
         if type(event) is not dict and not isinstance(event, abc.Mapping):
             raise FeatureError("event", f"each event must be an object, got {type(event).__name__}", i)

@@ -195,6 +195,7 @@ class Scorer:
         if blend_file:
             try:
                 self.blend = Blend.from_dict(json.loads((self.model_dir / blend_file).read_text()))
+                self.blend.check_categories(self.spec.n_category_ids)
             except (OSError, json.JSONDecodeError, BlendError) as exc:
                 raise ModelIntegrityError(f"{self.model_dir / blend_file}: {exc}") from None
         self.set_catalog(catalog)

@@ -179,7 +179,7 @@ def test_blend_reproduces_the_fitted_logistic_regressions():
                {"coupon_id": "c", "kind": "free_shipping", "value": 5, "min_spend": 0, "category": "c1"}]
     spec, data = _issuance(600, len(catalog), rng)
     terms = coupon_features(catalog, spec)
-    fitted = AggregateLogistic(terms).fit(data)
+    fitted = AggregateLogistic(terms, spec.n_category_ids).fit(data)
     blend = Blend.from_dict(json.loads(json.dumps(fitted.to_blend(0.3).to_dict())))  # through its JSON form
     expected = fitted.predict_all(data.seq)
     got = blend.probabilities(data.seq.arrays, terms)
@@ -196,6 +196,9 @@ def test_blend_reproduces_the_fitted_logistic_regressions():
     (lambda d: d["heads"].pop("p_buy"), "heads"),
     (lambda d: d["heads"]["p_redeem"].update(coef=[1.0, 2.0]), "features"),
     (lambda d: d["heads"]["p_buy"].update(scale=[0.0] * len(d["heads"]["p_buy"]["scale"])), "scale"),
+    (lambda d: d.pop("category_log_price"), "category_log_price"),
+    (lambda d: d.update(category_log_price=[0.5, float("nan")]), "finite"),
+    (lambda d: d.update(category_log_price="cheap"), "category_log_price"),
 ])
 def test_bad_blend_files_are_refused(tiny_pipeline, tmp_path, change, message):
     from runtime.blend import BlendError
@@ -203,6 +206,64 @@ def test_bad_blend_files_are_refused(tiny_pipeline, tmp_path, change, message):
     change(data)
     with pytest.raises(BlendError, match=message):
         Blend.from_dict(data)
+
+
+def test_habit_features_of_a_known_history():
+    """The habit features on a hand-made history, and the same values however much left padding the
+    batch gives the user."""
+    from runtime.blend import aggregate_features, category_log_prices
+    from runtime.features import collate, featurize_one
+    spec = FeatureSpec(max_len=20, n_item_buckets=4096, categories=["c1", "c2"])
+    t0 = 1_700_000_000
+    events = [("view", "i1", "c1", 10.0), ("cart", "i1", "c1", 10.0), ("purchase", "i1", "c1", 10.0),
+              ("view", "i2", "c2", 40.0), ("purchase", "i1", "c1", 10.0), ("purchase", "i2", "c2", 40.0)]
+    history = [{"ts": t0 + 60 * k, "event": e, "item_id": i, "category": c, "price": p}
+               for k, (e, i, c, p) in enumerate(events)]
+    one = featurize_one(history, spec, t0 + 3600)
+    table = np.zeros(spec.n_category_ids)
+    table[spec._category_index["c1"]] = np.log1p(20.0) / 5  # c1 usually costs 20, c2 40
+    table[spec._category_index["c2"]] = np.log1p(40.0) / 5
+    habit = aggregate_features(collate([one]), table)[0, 8:]
+    rel_c1 = (np.log1p(10.0) - np.log1p(20.0)) / 5
+    np.testing.assert_allclose(habit, [
+        1 / 2,  # one cart per two views
+        1 / 3,  # of three purchases, the second of i1 repeats one
+        np.log1p(1),
+        4 * rel_c1 / 6,  # six priced events, the four in c1 cheaper than usual, the two in c2 at par
+        3 * rel_c1 / 4,  # carts and purchases: three in c1, one in c2
+        1 / 3,  # i2 was bought without being carted first
+    ], rtol=1e-6)
+    assert aggregate_features(collate([one]), None).shape == (1, 8)  # no table: the base features only
+    longer = featurize_one([{**h, "ts": h["ts"] - 86400} for h in history * 3], spec, t0 + 3600)
+    batch = collate([longer, one])  # the short history now sits behind left padding
+    np.testing.assert_allclose(aggregate_features(batch, table)[1], aggregate_features(collate([one]), table)[0])
+    fitted = category_log_prices(collate([one]), spec.n_category_ids)
+    assert fitted.shape == (spec.n_category_ids,) and np.isfinite(fitted).all()
+
+
+def test_a_blend_of_the_first_format_still_loads(tiny_pipeline):
+    """Model directories exported before the habit features (format /1, eight user features) still serve."""
+    data = json.loads((tiny_pipeline.model_dir / "blend.json").read_text())
+    legacy = {"format": "edgecoupon-blend/1", "network_weight": data["network_weight"], "heads": {
+        name: {k: (v[:8] + v[14:31] if name != "p_buy_control" and isinstance(v, list) else
+                   v[:8] if isinstance(v, list) else v) for k, v in head.items()}
+        for name, head in data["heads"].items()}}
+    blend = Blend.from_dict(legacy)
+    assert blend.category_log_price is None
+    from runtime.features import collate, coupon_features, featurize_one
+    scorer = Scorer(tiny_pipeline.model_dir, tiny_pipeline.catalog)
+    seq = collate([featurize_one(_history(5), scorer.spec, 1_700_000_000)])
+    p_redeem, p_buy, p_control = blend.probabilities(seq, coupon_features(scorer.coupons, scorer.spec))
+    assert p_buy.shape == (1, len(scorer.coupons)) and np.isfinite(p_buy).all()
+
+
+def test_a_price_table_of_another_vocabulary_is_refused(tiny_pipeline, tmp_path):
+    from runtime.blend import BlendError
+    data = json.loads((tiny_pipeline.model_dir / "blend.json").read_text())
+    blend = Blend.from_dict({**data, "category_log_price": data["category_log_price"] + [0.5]})
+    spec = FeatureSpec.from_dict(json.loads((tiny_pipeline.model_dir / "manifest.json").read_text())["feature_spec"])
+    with pytest.raises(BlendError, match="category_log_price"):
+        blend.check_categories(spec.n_category_ids)
 
 
 def test_the_served_model_is_the_blend(tiny_pipeline, tmp_path):

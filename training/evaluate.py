@@ -55,9 +55,10 @@ def ranking_metrics(scores: np.ndarray, targets: np.ndarray, k: int = 10) -> dic
 
 # --------------------------------------------------------------------------------------- baselines
 
-def aggregate_features(seq: SequenceArrays) -> np.ndarray:
-    """Per-user aggregates of the featurized window ``[N, 8]`` (``runtime.blend``, which serves them)."""
-    return blend.aggregate_features(seq.arrays)
+def aggregate_features(seq: SequenceArrays, category_log_price: np.ndarray | None = None) -> np.ndarray:
+    """Per-user aggregates of the featurized window, ``[N, 8]`` or with the habit features ``[N, 14]``
+    (``runtime.blend``, which serves them)."""
+    return blend.aggregate_features(seq.arrays, category_log_price)
 
 
 def category_share(seq: SequenceArrays, coupon_category_ids: np.ndarray) -> np.ndarray:
@@ -68,9 +69,11 @@ def category_share(seq: SequenceArrays, coupon_category_ids: np.ndarray) -> np.n
 class AggregateLogistic:
     """Logistic regression on aggregate user features (x coupon terms for the coupon heads)."""
 
-    def __init__(self, coupon_arrays: Mapping[str, np.ndarray], seed: int = 0):
+    def __init__(self, coupon_arrays: Mapping[str, np.ndarray], n_category_ids: int, seed: int = 0):
         self.coupon_terms = blend.coupon_terms(coupon_arrays)
         self.coupon_category = coupon_arrays["coupon_category_ids"]
+        self.n_category_ids = n_category_ids  # the feature spec's; sizes the habit features' price table
+        self.category_log_price: np.ndarray | None = None  # fitted on the training rows
         self.models = {h: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, random_state=seed))
                        for h in HEADS}
 
@@ -79,7 +82,8 @@ class AggregateLogistic:
         return blend.pair_features(user_feats, self.coupon_terms[coupon_index], share)
 
     def fit(self, data: IssuanceArrays) -> "AggregateLogistic":
-        u = aggregate_features(data.seq)
+        self.category_log_price = blend.category_log_prices(data.seq.arrays, self.n_category_ids)
+        u = aggregate_features(data.seq, self.category_log_price)
         t = data.treated
         x_t = self._pair_features(_subset(data.seq, t), u[t], data.coupon_index[t])
         self.models["p_redeem"].fit(x_t, data.redeemed[t])
@@ -89,7 +93,7 @@ class AggregateLogistic:
 
     def predict_rows(self, data: IssuanceArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Per-row probabilities for the issued coupon (rows in the control arm use coupon 0; unused)."""
-        u = aggregate_features(data.seq)
+        u = aggregate_features(data.seq, self.category_log_price)
         idx = np.maximum(data.coupon_index, 0)
         x = self._pair_features(data.seq, u, idx)
         return (self.models["p_redeem"].predict_proba(x)[:, 1], self.models["p_buy"].predict_proba(x)[:, 1],
@@ -97,7 +101,7 @@ class AggregateLogistic:
 
     def predict_all(self, seq: SequenceArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``[N, C]`` p_redeem, p_buy and ``[N]`` p_buy_control for every user x every coupon."""
-        u = aggregate_features(seq)
+        u = aggregate_features(seq, self.category_log_price)
         n, c = len(u), len(self.coupon_terms)
         p_redeem = np.zeros((n, c))
         p_buy = np.zeros((n, c))
@@ -115,7 +119,7 @@ class AggregateLogistic:
             scaler, logistic = pipeline[0], pipeline[-1]
             heads[name] = blend.LinearHead(scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64),
                                            logistic.coef_[0].astype(np.float64), float(logistic.intercept_[0]))
-        return blend.Blend(heads, network_weight)
+        return blend.Blend(heads, network_weight, self.category_log_price)
 
 
 def popularity_rows(train: IssuanceArrays, data: IssuanceArrays, n_coupons: int):

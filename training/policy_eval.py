@@ -244,8 +244,8 @@ def load_policy_data(data_dir: str | Path, checkpoint: str | Path | None, model_
     if baselines:
         train_arrays = issuance_arrays(train_rows, histories, spec, coupon_ids)
         coupon_np = coupon_features(coupons, spec)
-        models["t_learner_gbm"] = Predictions(*TLearnerGBM(coupon_np, seed).fit(train_arrays).predict_all(eval_seq))
-        models["logistic"] = Predictions(*AggregateLogistic(coupon_np, seed).fit(train_arrays).predict_all(eval_seq))
+        models["t_learner_gbm"] = Predictions(*TLearnerGBM(coupon_np, spec.n_category_ids, seed).fit(train_arrays).predict_all(eval_seq))
+        models["logistic"] = Predictions(*AggregateLogistic(coupon_np, spec.n_category_ids, seed).fit(train_arrays).predict_all(eval_seq))
 
     categories = events["category"].unique()
     similarity = similarity_matrix(histories, user_ids, nows, [c["category"] for c in coupons], len(categories))

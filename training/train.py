@@ -292,7 +292,7 @@ def evaluate(model: CouponModel, td: TrainingData, train: IssuanceArrays, held_o
         metrics["heads"]["served_blend"] = head_metrics(held_out, *rows_for_issued(served[0], served[1], held_out),
                                                         served[2])
     metrics["heads"]["popularity"] = head_metrics(held_out, *popularity_rows(train, held_out, len(td.coupons)))
-    logistic = logistic or AggregateLogistic(coupon_np, seed).fit(train)
+    logistic = logistic or AggregateLogistic(coupon_np, td.spec.n_category_ids, seed).fit(train)
     metrics["heads"]["logistic_aggregates"] = head_metrics(held_out, *logistic.predict_rows(held_out))
 
     item_targets = pre_eval.item_targets[:, -1]
@@ -408,7 +408,7 @@ def run(config: TrainConfig) -> Path:
         return out / CHECKPOINT
     pre_eval = pretrain_arrays(td.histories, users[first & td.eval_mask], nows[first & td.eval_mask], spec)
     # the logistic baseline; its coefficients are also what the exported model blends in (runtime.blend)
-    logistic = AggregateLogistic({k: v.numpy() for k, v in coupons.items()}, config.seed).fit(train)
+    logistic = AggregateLogistic({k: v.numpy() for k, v in coupons.items()}, spec.n_category_ids, config.seed).fit(train)
     blend = logistic.to_blend(config.network_weight) if config.network_weight < 1.0 else None
     metrics = evaluate(model, td, train, held_out, pre_train, pre_eval, coupons, config.seed, blend, logistic)
     metrics["train"] = {"pretrain_final_loss": float(np.mean(pre_losses[-20:])) if pre_losses else None,

@@ -5,7 +5,7 @@ The T-learner fits one model on the treated rows (user aggregates x coupon terms
 same features -> p_redeem) and another on the control rows (user aggregates -> p_buy_control); the
 uplift of coupon c is ``p_buy(u, c) - p_buy_control(u)``. The features are the ones the logistic
 baseline in ``training.evaluate`` uses (``aggregate_features``: counts, prices, recency, conversion,
-breadth; plus the coupon's kind/value/min_spend and the user's share of events in the coupon's
+breadth, and the habit features; plus the coupon's kind/value/min_spend and the user's share of events in the coupon's
 category), so the comparison with the Transformer is about the model, not about what it may see.
 """
 from __future__ import annotations
@@ -32,8 +32,10 @@ def _gbm(seed: int) -> HistGradientBoostingClassifier:
 class TLearnerGBM:
     """Two gradient-boosted models: treated (per coupon terms) and control. Same API as AggregateLogistic."""
 
-    def __init__(self, coupon_arrays: Mapping[str, np.ndarray], seed: int = 0):
+    def __init__(self, coupon_arrays: Mapping[str, np.ndarray], n_category_ids: int, seed: int = 0):
         self.coupon_terms = blend.coupon_terms(coupon_arrays).astype(np.float64)
+        self.n_category_ids = n_category_ids  # the feature spec's; sizes the habit features' price table
+        self.category_log_price: np.ndarray | None = None  # fitted on the training rows
         self.coupon_category = coupon_arrays["coupon_category_ids"]
         self.models = {"p_redeem": _gbm(seed), "p_buy": _gbm(seed + 1), "p_buy_control": _gbm(seed + 2)}
 
@@ -41,7 +43,8 @@ class TLearnerGBM:
         return np.concatenate([user_feats, self.coupon_terms[coupon_index], share[:, None]], axis=1)
 
     def fit(self, data: IssuanceArrays) -> "TLearnerGBM":
-        u = aggregate_features(data.seq)
+        self.category_log_price = blend.category_log_prices(data.seq.arrays, self.n_category_ids)
+        u = aggregate_features(data.seq, self.category_log_price)
         t = data.treated
         if t.all() or not t.any():
             raise ValueError("a T-learner needs both treated and control rows")
@@ -57,7 +60,7 @@ class TLearnerGBM:
 
     def predict_all(self, seq: SequenceArrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``[N, C]`` p_redeem, p_buy and ``[N]`` p_buy_control for every user x every coupon."""
-        u = aggregate_features(seq)
+        u = aggregate_features(seq, self.category_log_price)
         share = category_share(seq, self.coupon_category)
         n, c = len(u), len(self.coupon_terms)
         x = np.concatenate([self._pair_features(u, share[:, j], np.full(n, j)) for j in range(c)])
