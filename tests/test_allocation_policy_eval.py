@@ -138,3 +138,20 @@ def test_cli_writes_the_report(tiny_pipeline, tmp_path, capsys):
     assert report["headline"]["budget_share"] == 0.3
     assert (tmp_path / "policy.json").exists()
     assert main(["--artifacts", str(tmp_path / "nothing")]) == 2
+
+
+def test_feature_ceiling_is_cross_fitted_to_the_truth(policy_data):
+    """The yardstick learns the true uplift from the served features, predicting each user from folds
+    that did not see them: close to the truth, but not the truth itself."""
+    import dataclasses
+    from training.policy_eval import Evaluator, add_feature_ceiling
+    data = dataclasses.replace(policy_data, models={"transformer": policy_data.models["transformer"]})
+    add_feature_ceiling(data, folds=3)
+    ceiling = data.models["feature_ceiling"]
+    assert ceiling.p_buy.shape == data.truth.p_buy.shape and (ceiling.p_redeem >= 0).all()
+    true_uplift, fitted_uplift = data.truth.uplift.ravel(), ceiling.uplift.ravel()
+    assert np.corrcoef(true_uplift, fitted_uplift)[0, 1] > 0.5
+    assert not np.allclose(fitted_uplift, true_uplift, atol=1e-3)
+    ev = Evaluator(data)
+    budget = 0.3 * ev.full_budget()
+    assert ev.policies(budget)["allocation_feature_ceiling"]["spend"] <= budget * (1 + 1e-9)

@@ -95,6 +95,9 @@ class PolicyData:
     experiment: dict[str, np.ndarray] = field(default_factory=dict)  # held-out issuance rows (observed)
     model_version: str | None = None
     segments: np.ndarray | None = None  # [N] the simulator's latent response type (analysis only, never an input)
+    sequences: Any = None  # the held-out users' featurized histories (training.dataset.SequenceArrays)
+    coupon_arrays: dict[str, np.ndarray] | None = None  # the catalog, featurized (runtime.features.coupon_features)
+    n_category_ids: int | None = None  # the feature spec's category vocabulary size
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -258,7 +261,8 @@ def load_policy_data(data_dir: str | Path, checkpoint: str | Path | None, model_
     return PolicyData(user_ids=user_ids, coupon_ids=coupon_ids, cost=coupons_df["cost"].to_numpy(np.float64),
                       truth=truth, true_order_value=true_ov, order_value=order_value, order_value_config=ov_config,
                       similarity=similarity, models=models, experiment=experiment, model_version=model_version,
-                      segments=segments)
+                      segments=segments, sequences=eval_seq, coupon_arrays=coupon_features(coupons, spec),
+                      n_category_ids=spec.n_category_ids)
 
 
 def _eval_fraction(checkpoint: str | Path | None, data_dir: Path) -> float:
@@ -432,7 +436,7 @@ class Evaluator:
             return {}
         choices = {}
         for name in self.data.models:
-            if name.startswith("truth_noise_"):
+            if name.startswith("truth_noise_") or name == "feature_ceiling":  # yardsticks: not in the segment table
                 continue
             values, spend = self.model_values(name)
             choices["allocation" if name == "transformer" else f"allocation_{name}"] = self.paced_allocation(values, spend, budget)[0]
@@ -465,6 +469,41 @@ def add_noisy_truth(data: PolicyData, noise: Sequence[float] = (0.1, 0.25, 0.5),
     t = data.truth
     for sd in noise:
         data.models[f"truth_noise_{sd:g}"] = Predictions(blur(t.p_redeem, sd), blur(t.p_buy, sd), blur(t.p_control, sd))
+
+
+def add_feature_ceiling(data: PolicyData, seed: int = 0, folds: int = 5) -> None:
+    """Yardstick model ``feature_ceiling``: roughly what the served features can tell. Gradient-boosted
+    regressions fitted to the *true* uplift and redemption probability (noise-free labels no real data
+    has) on the features the served logistic sees (user aggregates and habit features, coupon terms,
+    category share, coupon id), each user predicted by the folds that do not contain them.
+
+    It is an estimate, not a bound: another learner, or more users, would do somewhat differently (fitting
+    redemption on the logit scale instead did far worse; at tight budgets near-zero redemption estimates
+    make the value-per-spend ratios unreliable). It shows how far the histories alone get when the labels
+    are perfect: what stays missing is what they do not reveal about the latent response (within-type
+    variation, short histories)."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+    from sklearn.model_selection import GroupKFold
+    from runtime.blend import aggregate_features, category_log_prices, category_share, coupon_terms
+
+    seq = data.sequences.arrays
+    n, c = data.truth.p_buy.shape
+    user = aggregate_features(seq, category_log_prices(seq, data.n_category_ids))  # [N, A]
+    coupons = data.coupon_arrays
+    x = np.concatenate([np.repeat(user, c, axis=0), np.tile(coupon_terms(coupons), (n, 1)),
+                        category_share(seq, coupons["coupon_category_ids"]).reshape(-1, 1),
+                        np.tile(np.arange(c), n)[:, None]], axis=1)  # [N x C, F]
+    users = np.repeat(np.arange(n), c)
+    targets = {"uplift": data.truth.uplift.ravel(), "p_redeem": data.truth.p_redeem.ravel()}
+    fitted = {name: np.empty(n * c) for name in targets}
+    for train_rows, test_rows in GroupKFold(folds).split(x, groups=users):
+        for name, y in targets.items():
+            model = HistGradientBoostingRegressor(max_iter=300, learning_rate=0.1, categorical_features=[x.shape[1] - 1],
+                                                  random_state=seed)
+            fitted[name][test_rows] = model.fit(x[train_rows], y[train_rows]).predict(x[test_rows])
+    control = data.truth.p_control
+    data.models["feature_ceiling"] = Predictions(np.clip(fitted["p_redeem"], 0.0, 1.0).reshape(n, c),
+                                                 control[:, None] + fitted["uplift"].reshape(n, c), control)
 
 
 def uplift_table(data: PolicyData, k: float = 0.3) -> dict[str, dict[str, float]]:
@@ -529,6 +568,8 @@ POLICY_LABELS = {
     "allocation_network_only": "  ours, network alone (no blend)",
     "allocation_t_learner_gbm": "T-learner GBM allocation",
     "allocation_logistic": "logistic allocation",
+    "feature_ceiling": "features fitted to truth",
+    "allocation_feature_ceiling": "features fitted to truth (yardstick)",
     "oracle": "oracle (true probabilities)",
 }
 
@@ -661,6 +702,9 @@ def get_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-baselines", action="store_true", help="skip the T-learner GBM and logistic baselines")
     parser.add_argument("--sensitivity", action="store_true",
                         help="add yardstick rows: the allocation fed the true probabilities with logit noise 0.1/0.25/0.5")
+    parser.add_argument("--ceiling", action="store_true",
+                        help="add a yardstick row: gradient boosting fitted to the true uplift and redemption on the "
+                             "served features (cross-fitted over held-out users): what the features can tell at best")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", action="store_true", help="exit 1 when the headline targets are missed")
     parser.add_argument("--log-level", default="INFO")
@@ -689,6 +733,8 @@ def main(argv=None) -> int:
         return 2
     if args.sensitivity:
         add_noisy_truth(data, seed=args.seed)
+    if args.ceiling:
+        add_feature_ceiling(data, seed=args.seed)
     result = evaluate_policies(data, budgets, args.margin, args.objective, args.seed, headline_share=args.headline)
     result["headline"] = headline(result, args.headline)
     result["source"] = {"data": str(data_dir), "checkpoint": str(checkpoint), "model": str(model_dir) if model_dir else None}
