@@ -408,7 +408,9 @@ def run(config: TrainConfig) -> Path:
         return out / CHECKPOINT
     pre_eval = pretrain_arrays(td.histories, users[first & td.eval_mask], nows[first & td.eval_mask], spec)
     # the logistic baseline; its coefficients are also what the exported model blends in (runtime.blend)
-    logistic = AggregateLogistic({k: v.numpy() for k, v in coupons.items()}, spec.n_category_ids, config.seed).fit(train)
+    # (fitted on the validation users too: it has no early stopping that needs them held back)
+    logistic = AggregateLogistic({k: v.numpy() for k, v in coupons.items()}, spec.n_category_ids,
+                                 config.seed).fit(_subset(issued, ~td.eval_mask))
     blend = logistic.to_blend(config.network_weight) if config.network_weight < 1.0 else None
     metrics = evaluate(model, td, train, held_out, pre_train, pre_eval, coupons, config.seed, blend, logistic)
     metrics["train"] = {"pretrain_final_loss": float(np.mean(pre_losses[-20:])) if pre_losses else None,
