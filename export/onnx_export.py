@@ -366,11 +366,16 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
         if ckpt.get("blend") is not None:
             # validated like the runtime will read it, then written as the plain JSON the scorer loads
             blend = Blend.from_dict(ckpt["blend"])
-            (work / BLEND_FILE).write_text(json.dumps(blend.to_dict(), indent=1))
+            # compact: a few hundred trees of node lists would take several times the space indented
+            (work / BLEND_FILE).write_text(json.dumps(blend.to_dict(), separators=(",", ":")))
             names += (BLEND_FILE,)
             blend_entry = {"file": BLEND_FILE, "network_weight": blend.network_weight,
-                           "what": "logistic regressions on aggregate features; served probabilities = "
-                                   "network_weight x network + (1 - network_weight) x logistic"}
+                           "tree_weight": blend.tree_weight if blend.trees is not None else 0.0,
+                           "logistic_weight": blend.logistic_weight,
+                           "n_trees": sum(t.n_trees for t in blend.trees.values()) if blend.trees is not None else 0,
+                           "what": "logistic regressions and (optionally) gradient-boosted trees on aggregate and "
+                                   "habit features; served probabilities = network_weight x network + tree_weight "
+                                   "x trees + logistic_weight x logistic"}
         files = {name: {"sha256": sha256_file(work / name), "bytes": (work / name).stat().st_size} for name in names}
         served_files = ("model.onnx", "profile.onnx", "coupon_tower.onnx") + ((BLEND_FILE,) if blend_entry else ())
         served = hashlib.sha256("".join(files[n]["sha256"] for n in served_files).encode()).hexdigest()

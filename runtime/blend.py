@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -200,13 +200,216 @@ class LinearHead:
         return cls(mean, scale, coef, intercept)
 
 
+class TreeEnsemble:
+    """Gradient-boosted trees (scikit-learn's ``HistGradientBoostingClassifier``, copied out as plain
+    arrays) evaluated in numpy, several heads at once.
+
+    Walking each tree node by node would take numpy calls per tree level; instead every split of every
+    tree is evaluated in one comparison, and each tree's exit leaf found with bit masks (QuickScorer,
+    Lucchese et al., SIGIR 2015): leaves are numbered left to right, every split that sends a row right
+    removes the leaves of its left subtree from the tree's mask, and the exit leaf is the lowest bit
+    left. The features come in groups (user | coupon | user x coupon): a split on a user feature is
+    evaluated once per user, not once per user x coupon, and the groups' masks are ANDed at the end.
+
+    ``heads``: name -> ``{"baseline": raw score, "trees": [tree, ...]}``; a tree is parallel lists
+    ``feature``, ``threshold``, ``left``, ``right``, ``value`` over its nodes (node 0 the root), a row
+    going left when ``x[feature] <= threshold``; a leaf has ``left = right = -1``. Features must be
+    finite (no missing-value routing). ``groups``: the width of each feature group, in column order.
+    """
+
+    MAX_LEAVES = 64  # leaves per tree: at most one uint64 mask
+
+    def __init__(self, heads: Mapping[str, Mapping[str, Any]], groups: Sequence[int]):
+        if not isinstance(heads, Mapping) or not heads:
+            raise BlendError("tree heads must be a non-empty mapping")
+        self.names = list(heads)
+        self.groups = [int(g) for g in groups]
+        n_features = sum(self.groups)
+        self._source = {name: heads[name] for name in self.names}
+        compiled, leaf_values, tree_head, baselines = [], [], [], []
+        for h, name in enumerate(self.names):
+            head = heads[name]
+            try:
+                baselines.append(float(head["baseline"]))
+                trees = list(head["trees"])
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BlendError(f"tree head {name!r}: {exc!r}") from None
+            if not math.isfinite(baselines[-1]) or not trees:
+                raise BlendError(f"tree head {name!r}: needs a finite baseline and at least one tree")
+            for i, tree in enumerate(trees):
+                splits, values = _compile_tree(tree, n_features, f"tree head {name!r}, tree {i}", self.MAX_LEAVES)
+                compiled.append(splits)
+                leaf_values.append(values)
+                tree_head.append(h)
+        most = max(len(v) for v in leaf_values)
+        self._dtype = next(d for d in (np.uint16, np.uint32, np.uint64) if np.iinfo(d).bits >= most)
+        bits = np.iinfo(self._dtype).bits
+        full = (1 << bits) - 1
+        self._all = self._dtype(full)
+        self._groups = []
+        lo = 0
+        for width in self.groups:
+            mine = [[(f - lo, t, m & full) for f, t, m in splits if lo <= f < lo + width] for splits in compiled]
+            self._groups.append(_lookup_group(mine, full, self._dtype) if width == 1 else
+                                _reduce_group(mine, full, self._dtype))
+            lo += width
+        self._leaf_values = np.array([v + [0.0] * (bits - len(v)) for v in leaf_values]).ravel()  # [K x bits]
+        self._leaf_offset = np.arange(len(compiled), dtype=np.int64) * bits  # [K]
+        self._per_head = np.eye(len(self.names))[tree_head]  # [K, heads]
+        self._baseline = np.array(baselines)  # [heads]
+        # index of the lowest set bit of every 16-bit mask: one lookup instead of isolating it and a log2
+        self._lowest = _LOWEST_BIT_16 if self._dtype == np.uint16 else None
+
+    @property
+    def n_trees(self) -> int:
+        return len(self._leaf_offset)
+
+    def group_mask(self, group: int, part: np.ndarray) -> np.ndarray:
+        """``[..., K]`` the leaves each tree keeps after the splits on feature group ``group``, for rows
+        ``part [..., width]``: what :meth:`scores` combines (by AND) across groups."""
+        kind, tables = self._groups[group]
+        if kind == "lookup":  # one feature: the mask is a function of where the value falls among the thresholds
+            thresholds, table = tables
+            return table[np.searchsorted(thresholds, part[..., 0], side="left")]
+        features, thresholds, masks, starts = tables
+        keep = np.where(part[..., features] <= thresholds, self._all, masks)  # [..., splits]
+        return np.bitwise_and.reduceat(keep, starts, axis=-1)
+
+    def scores(self, alive: np.ndarray) -> np.ndarray:
+        """Raw scores (log-odds) ``[..., heads]`` from the AND of every group's :meth:`group_mask`."""
+        if self._lowest is not None:
+            leaf = self._lowest[alive]
+        else:
+            lowest = alive & (~alive + self._dtype(1))  # the lowest set bit: each tree's exit leaf
+            leaf = np.log2(lowest.astype(np.float64)).astype(np.int64)  # exact for powers of two
+        return self._leaf_values[leaf + self._leaf_offset] @ self._per_head + self._baseline
+
+    def raw(self, *parts: np.ndarray) -> np.ndarray:
+        """Raw scores ``[..., heads]``: one array per feature group, ``[..., width]``, whose leading axes
+        broadcast together (e.g. users ``[B, 1, U]``, coupons ``[1, C, K]``, pairs ``[B, C, P]``)."""
+        alive = self.group_mask(0, parts[0])
+        for g in range(1, len(parts)):
+            alive = alive & self.group_mask(g, parts[g])
+        return self.scores(alive)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: dict(head) for name, head in self._source.items()}
+
+
+def _reduce_group(splits_per_tree: list[list[tuple[int, float, int]]], full: int, dtype) -> tuple[str, tuple]:
+    """A feature group's splits, tree by tree, each tree led by a split every row passes (so that every
+    tree owns a segment for ``reduceat``)."""
+    features, thresholds, masks, starts = [], [], [], []
+    for splits in splits_per_tree:
+        starts.append(len(features))
+        features.append(0)
+        thresholds.append(math.inf)
+        masks.append(full)
+        for feature, threshold, mask in splits:
+            features.append(feature)
+            thresholds.append(threshold)
+            masks.append(mask)
+    return "reduce", (np.array(features, dtype=np.int64), np.array(thresholds), np.array(masks, dtype=dtype),
+                      np.array(starts, dtype=np.int64))
+
+
+def _lookup_group(splits_per_tree: list[list[tuple[int, float, int]]], full: int, dtype) -> tuple[str, tuple]:
+    """A one-feature group as a table: with the distinct thresholds sorted, a value above the first
+    ``j`` of them (``searchsorted``) keeps, in each tree, the AND of the masks of those splits."""
+    thresholds = np.unique([t for splits in splits_per_tree for _, t, _ in splits])
+    table = np.full((len(thresholds) + 1, len(splits_per_tree)), full, dtype=dtype)  # [J + 1, K]
+    for k, splits in enumerate(splits_per_tree):
+        for _, threshold, mask in splits:
+            table[np.searchsorted(thresholds, threshold) + 1:, k] &= dtype(mask)
+    return "lookup", (thresholds, table)
+
+
+def _lowest_bits_16() -> np.ndarray:
+    values = np.arange(1 << 16, dtype=np.uint32)
+    lowest = values & (~values + 1) & 0xFFFF
+    return np.where(values > 0, np.log2(np.maximum(lowest, 1)).astype(np.int64), 0)
+
+
+_LOWEST_BIT_16 = _lowest_bits_16()
+
+
+def _compile_tree(tree: Mapping[str, Any], n_features: int, where: str, max_leaves: int):
+    """One tree's splits as ``(feature, threshold, mask of the leaves kept when the row goes right)``
+    and its leaf values, leaves numbered left to right. A single-leaf tree gets one split that every
+    row passes (threshold +inf), so each tree owns at least one split."""
+    try:
+        feature, threshold, left, right, value = (list(tree[k]) for k in ("feature", "threshold", "left", "right", "value"))
+    except (KeyError, TypeError) as exc:
+        raise BlendError(f"{where}: {exc!r}") from None
+    n = len(feature)
+    if not n or not all(len(a) == n for a in (threshold, left, right, value)):
+        raise BlendError(f"{where}: feature, threshold, left, right and value must be equally long, non-empty lists")
+    leaves: list[float] = []
+    splits: list[tuple[int, float, int]] = []
+    seen = set()
+
+    def walk(node: int) -> tuple[int, int]:  # -> (first leaf, leaf count) of the subtree
+        if not (isinstance(node, int) and 0 <= node < n) or node in seen:
+            raise BlendError(f"{where}: node {node!r} is out of range or reached twice")
+        seen.add(node)
+        if left[node] == -1 and right[node] == -1:
+            v = float(value[node])
+            if not math.isfinite(v):
+                raise BlendError(f"{where}: leaf value {value[node]!r} is not finite")
+            leaves.append(v)
+            return len(leaves) - 1, 1
+        f, t = feature[node], float(threshold[node])
+        if not (isinstance(f, int) and 0 <= f < n_features) or math.isnan(t):
+            raise BlendError(f"{where}: split {node} on feature {f!r} at {threshold[node]!r}")
+        index = len(splits)
+        splits.append((f, t, 0))
+        first, n_left = walk(left[node])
+        _, n_right = walk(right[node])
+        if first + n_left + n_right > max_leaves:
+            raise BlendError(f"{where}: more than {max_leaves} leaves")
+        left_leaves = ((1 << n_left) - 1) << first
+        splits[index] = (f, t, ((1 << max_leaves) - 1) & ~left_leaves)
+        return first, n_left + n_right
+
+    walk(0)
+    if not splits:
+        splits.append((0, math.inf, (1 << max_leaves) - 1))
+    return splits, leaves
+
+
+@dataclass
+class PreparedCoupons:
+    """A catalog as the blend reads it, computed once per catalog load: its featurized arrays, the
+    coupons' terms and the trees' masks for splits on coupon terms (which no user changes)."""
+
+    arrays: Mapping[str, np.ndarray]  # runtime.features.coupon_features
+    terms: np.ndarray  # [C, 4 + N_KINDS] coupon_terms
+    tree_masks: np.ndarray | None  # [C, K] leaves the pair trees keep after their coupon-term splits
+
+    def take(self, index: np.ndarray) -> "PreparedCoupons":
+        """The same for a subset of the coupons (catalog positions ``index``)."""
+        return PreparedCoupons({k: v[index] for k, v in self.arrays.items()}, self.terms[index],
+                               None if self.tree_masks is None else self.tree_masks[index])
+
+
 @dataclass
 class Blend:
-    """The logistic heads and the weight of the network's probabilities in the average."""
+    """The second and third model families and their weights in the average with the network.
 
-    heads: dict[str, LinearHead]
-    network_weight: float = 0.5  # the network's share of each blended probability; the rest is the logistic's
+    Served probability = ``network_weight x network + tree_weight x trees + (1 - network_weight -
+    tree_weight) x logistic``, head by head. ``trees`` (the T-learner's gradient-boosted trees, on the
+    same user features, coupon terms and category share) are optional.
+    """
+
+    heads: dict[str, LinearHead]  # the logistic regressions
+    network_weight: float = 0.5  # the network's share of each blended probability
     category_log_price: np.ndarray | None = None  # [n_category_ids] for the habit features; None: base features only
+    trees: dict[str, TreeEnsemble] | None = None  # "pair": p_redeem and p_buy; "user": p_buy_control
+    tree_weight: float = 0.0  # the trees' share; the logistic gets the rest
+
+    @property
+    def logistic_weight(self) -> float:
+        return max(0.0, 1.0 - self.network_weight - self.tree_weight)
 
     def check_categories(self, n_category_ids: int) -> None:
         """Refuse a price table that does not match the feature spec's category vocabulary."""
@@ -214,37 +417,75 @@ class Blend:
             raise BlendError(f"category_log_price has {len(self.category_log_price)} entries, the feature spec "
                              f"{n_category_ids} category ids")
 
-    def probabilities(self, seq: Mapping[str, np.ndarray], coupons: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """The logistic's [p_redeem [B, C], p_buy [B, C], p_buy_control [B]] for a featurized batch."""
+    def prepare(self, coupons: Mapping[str, np.ndarray] | PreparedCoupons) -> PreparedCoupons:
+        """The catalog's per-coupon work, done once (``Scorer.set_catalog``) instead of per request."""
+        if isinstance(coupons, PreparedCoupons):
+            return coupons
+        terms = coupon_terms(coupons)
+        masks = None
+        if self.trees is not None:
+            masks = self.trees["pair"].group_mask(1, terms)
+        return PreparedCoupons(coupons, terms, masks)
+
+    def _inputs(self, seq: Mapping[str, np.ndarray], coupons) -> tuple[np.ndarray, np.ndarray, PreparedCoupons]:
+        prepared = self.prepare(coupons)
         user = aggregate_features(seq, self.category_log_price)  # [B, A]
-        terms = coupon_terms(coupons)  # [C, K]
-        share = category_share(seq, coupons["coupon_category_ids"])  # [B, C]
-        return [_sigmoid(self.heads["p_redeem"].pair_logits(user, terms, share)),
-                _sigmoid(self.heads["p_buy"].pair_logits(user, terms, share)),
+        share = category_share(seq, prepared.arrays["coupon_category_ids"])  # [B, C]
+        return user, share, prepared
+
+    def _logistic(self, user: np.ndarray, share: np.ndarray, prepared: PreparedCoupons) -> list[np.ndarray]:
+        return [_sigmoid(self.heads["p_redeem"].pair_logits(user, prepared.terms, share)),
+                _sigmoid(self.heads["p_buy"].pair_logits(user, prepared.terms, share)),
                 self.heads["p_buy_control"].probability(user)]
 
-    def mix(self, network: list[np.ndarray], seq: Mapping[str, np.ndarray],
-            coupons: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """Average the network's probabilities with the logistic's (same order and shapes as ``OUTPUTS``; float64)."""
-        w = self.network_weight
+    def _trees(self, user: np.ndarray, share: np.ndarray, prepared: PreparedCoupons) -> list[np.ndarray]:
+        pair, single = self.trees["pair"], self.trees["user"]
+        alive = pair.group_mask(0, user[:, None, :]) & prepared.tree_masks[None] & pair.group_mask(2, share[..., None])
+        raw = pair.scores(alive)  # [B, C, 2]
+        control = single.scores(single.group_mask(0, user))  # [B, 1]
+        return [_sigmoid(raw[..., 0]), _sigmoid(raw[..., 1]), _sigmoid(control[:, 0])]
+
+    def probabilities(self, seq: Mapping[str, np.ndarray], coupons) -> list[np.ndarray]:
+        """The logistic's [p_redeem [B, C], p_buy [B, C], p_buy_control [B]] for a featurized batch."""
+        return self._logistic(*self._inputs(seq, coupons))
+
+    def tree_probabilities(self, seq: Mapping[str, np.ndarray], coupons) -> list[np.ndarray]:
+        """The trees' [p_redeem [B, C], p_buy [B, C], p_buy_control [B]] (requires ``trees``)."""
+        if self.trees is None:
+            raise BlendError("this blend has no trees")
+        return self._trees(*self._inputs(seq, coupons))
+
+    def mix(self, network: list[np.ndarray], seq: Mapping[str, np.ndarray], coupons) -> list[np.ndarray]:
+        """The weighted average of the families' probabilities (same order and shapes as ``OUTPUTS``; float64).
+        ``coupons``: the catalog's featurized arrays, or better, :meth:`prepare`'s result for them."""
+        user, share, prepared = self._inputs(seq, coupons)
+        w_net, w_lin, w_tree = self.network_weight, self.logistic_weight, self.tree_weight
         # float64 out: rounding the average back to float32 would add a last-bit flip of its own, which the
         # cancellation in uplift x margin x order value - p_redeem x cost magnifies
-        return [w * net.astype(np.float64) + (1.0 - w) * lin for net, lin in zip(network, self.probabilities(seq, coupons))]
+        mixed = [w_net * net.astype(np.float64) + w_lin * lin
+                 for net, lin in zip(network, self._logistic(user, share, prepared))]
+        if self.trees is not None and w_tree > 0:
+            mixed = [m + w_tree * tree for m, tree in zip(mixed, self._trees(user, share, prepared))]
+        return mixed
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"format": BLEND_FORMAT, "network_weight": self.network_weight}
+        out: dict[str, Any] = {"format": BLEND_FORMAT, "network_weight": self.network_weight,
+                               "tree_weight": self.tree_weight}
         if self.category_log_price is not None:
             out["category_log_price"] = self.category_log_price.tolist()
         out["heads"] = {name: head.to_dict() for name, head in self.heads.items()}
+        if self.trees is not None:
+            out["trees"] = {**self.trees["pair"].to_dict(), **self.trees["user"].to_dict()}
         return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Blend":
         if not isinstance(data, Mapping) or data.get("format") not in (BLEND_FORMAT,) + LEGACY_FORMATS:
             raise BlendError(f"not a blend file of format {BLEND_FORMAT!r}")
-        weight = data.get("network_weight")
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not 0.0 <= weight <= 1.0:
-            raise BlendError(f"network_weight must be a number in [0, 1], got {weight!r}")
+        weight = _weight(data, "network_weight", None)
+        tree_weight = _weight(data, "tree_weight", 0.0)
+        if weight + tree_weight > 1.0 + 1e-9:
+            raise BlendError(f"network_weight + tree_weight must be <= 1, got {weight} + {tree_weight}")
         heads = data.get("heads")
         if not isinstance(heads, Mapping) or set(heads) != set(HEADS):
             raise BlendError(f"heads must be exactly {list(HEADS)}")
@@ -257,6 +498,24 @@ class Blend:
             if prices.ndim != 1 or not len(prices) or not np.isfinite(prices).all():
                 raise BlendError("category_log_price must be a non-empty list of finite numbers")
         n_user = N_BASE + (N_HABIT if prices is not None else 0)
-        n_pair = n_user + 4 + N_KINDS + 1 + n_user
-        return cls({name: LinearHead.from_dict(heads[name], n_user if name == "p_buy_control" else n_pair, name)
-                    for name in HEADS}, float(weight), prices)
+        n_terms = 4 + N_KINDS
+        n_pair = n_user + n_terms + 1 + n_user
+        linear = {name: LinearHead.from_dict(heads[name], n_user if name == "p_buy_control" else n_pair, name)
+                  for name in HEADS}
+        trees = None
+        if data.get("trees") is not None:
+            source = data["trees"]
+            if not isinstance(source, Mapping) or set(source) != set(HEADS):
+                raise BlendError(f"trees must have exactly the heads {list(HEADS)}")
+            trees = {"pair": TreeEnsemble({h: source[h] for h in ("p_redeem", "p_buy")}, (n_user, n_terms, 1)),
+                     "user": TreeEnsemble({"p_buy_control": source["p_buy_control"]}, (n_user,))}
+        elif tree_weight > 0:
+            raise BlendError("tree_weight > 0 but the blend has no trees")
+        return cls(linear, weight, prices, trees, tree_weight)
+
+
+def _weight(data: Mapping[str, Any], key: str, default: float | None) -> float:
+    value = data.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+        raise BlendError(f"{key} must be a number in [0, 1], got {value!r}")
+    return float(value)

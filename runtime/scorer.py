@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.allocation import Policy, estimate_order_value, incremental_value, load_policy, net_scores
-from runtime.blend import Blend, BlendError
+from runtime.blend import Blend, BlendError, PreparedCoupons
 from runtime.features import FeatureSpec, collate, coupon_features, coupon_number, featurize_one
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,8 @@ class Scorer:
         coupons = load_catalog(catalog)
         terms = coupon_features(coupons, self.spec)
         vectors = self._tower.run(None, terms)[0]  # [C, H]
+        if self.blend is not None:  # the blend's per-coupon work, once per catalog
+            terms = self.blend.prepare(terms)
         # swap all four together so a concurrent request never sees a half-updated catalog
         self._catalog_state = (coupons, {c["coupon_id"]: i for i, c in enumerate(coupons)}, vectors, terms)
 
@@ -265,10 +267,10 @@ class Scorer:
         _, _, vectors, terms = self._catalog_state
         if coupon_index is None:
             return self._infer(seq, vectors, terms)
-        return self._infer(seq, vectors[coupon_index], {k: v[coupon_index] for k, v in terms.items()})
+        return self._infer(seq, vectors[coupon_index], _take(terms, coupon_index))
 
     def _infer(self, seq: Mapping[str, np.ndarray], coupon_vectors: np.ndarray,
-               coupon_terms: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+               coupon_terms: Mapping[str, np.ndarray] | PreparedCoupons) -> dict[str, np.ndarray]:
         probabilities = self._graphs.probabilities(seq, coupon_vectors)
         if self.blend is not None:
             probabilities = self.blend.mix(probabilities, seq, coupon_terms)
@@ -323,7 +325,7 @@ class Scorer:
             chunk = requests[start:start + batch_size]
             seq = collate([featurize_one(r.get("events") or [], self.spec, r.get("now")) for r in chunk])
             out = (self._infer(seq, vectors, terms) if whole_catalog else
-                   self._infer(seq, vectors[union], {k: v[union] for k, v in terms.items()}))
+                   self._infer(seq, vectors[union], _take(terms, union)))
             for row, request_index in enumerate(range(start, start + len(chunk))):
                 if wanted is None:
                     cols = union
@@ -371,3 +373,10 @@ class Scorer:
         return [{"coupon_id": coupons[i]["coupon_id"], "score": sc, "p_redeem": pr, "p_buy": pb,
                  "p_buy_control": control, "uplift": up}
                 for i, sc, pr, pb, up in zip(ids, score_l, redeem_l, buy_l, uplift_l)]
+
+
+def _take(terms: Mapping[str, np.ndarray] | PreparedCoupons, index: np.ndarray):
+    """The catalog's featurized coupons (or the blend's prepared form of them) at positions ``index``."""
+    if isinstance(terms, PreparedCoupons):
+        return terms.take(index)
+    return {k: v[index] for k, v in terms.items()}

@@ -181,6 +181,7 @@ def test_blend_reproduces_the_fitted_logistic_regressions():
     terms = coupon_features(catalog, spec)
     fitted = AggregateLogistic(terms, spec.n_category_ids).fit(data)
     blend = Blend.from_dict(json.loads(json.dumps(fitted.to_blend(0.3).to_dict())))  # through its JSON form
+    assert blend.trees is None and blend.logistic_weight == pytest.approx(0.7)
     expected = fitted.predict_all(data.seq)
     got = blend.probabilities(data.seq.arrays, terms)
     for e, g in zip(expected, got):
@@ -188,6 +189,15 @@ def test_blend_reproduces_the_fitted_logistic_regressions():
     network = [np.full_like(got[0], 0.5), np.full_like(got[1], 0.5), np.full_like(got[2], 0.5)]
     mixed = blend.mix(network, data.seq.arrays, terms)
     np.testing.assert_allclose(mixed[1], 0.3 * 0.5 + 0.7 * got[1], rtol=1e-6)
+    # with the T-learner's trees: they reproduce its predictions, and the three families average
+    from training.uplift_baselines import TLearnerGBM
+    gbm = TLearnerGBM(terms, spec.n_category_ids).fit(data)
+    full = Blend.from_dict(json.loads(json.dumps(fitted.to_blend(0.3, gbm, 0.2).to_dict())))
+    trees = full.tree_probabilities(data.seq.arrays, terms)
+    for e, g in zip(gbm.predict_all(data.seq), trees):
+        np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-12)
+    mixed = full.mix(network, data.seq.arrays, full.prepare(terms))
+    np.testing.assert_allclose(mixed[0], 0.3 * 0.5 + 0.5 * got[0] + 0.2 * trees[0], rtol=1e-9)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -199,6 +209,10 @@ def test_blend_reproduces_the_fitted_logistic_regressions():
     (lambda d: d.pop("category_log_price"), "category_log_price"),
     (lambda d: d.update(category_log_price=[0.5, float("nan")]), "finite"),
     (lambda d: d.update(category_log_price="cheap"), "category_log_price"),
+    (lambda d: d.update(tree_weight=0.9), "network_weight \\+ tree_weight"),
+    (lambda d: d.pop("trees"), "no trees"),
+    (lambda d: d["trees"].pop("p_buy"), "trees must have"),
+    (lambda d: d["trees"]["p_buy"]["trees"][0].update(feature=[99] * len(d["trees"]["p_buy"]["trees"][0]["feature"])), "feature"),
 ])
 def test_bad_blend_files_are_refused(tiny_pipeline, tmp_path, change, message):
     from runtime.blend import BlendError
@@ -268,26 +282,77 @@ def test_a_price_table_of_another_vocabulary_is_refused(tiny_pipeline, tmp_path)
 
 def test_the_served_model_is_the_blend(tiny_pipeline, tmp_path):
     """The manifest lists and checksums blend.json, and the scorer serves the weighted average of the
-    network's and the logistic's probabilities; a tampered blend file is refused."""
+    network's, the logistic's and the trees' probabilities; a tampered blend file is refused."""
     manifest = json.loads((tiny_pipeline.model_dir / "manifest.json").read_text())
-    assert manifest["blend"]["file"] == "blend.json" and manifest["blend"]["network_weight"] == 0.5
+    entry = manifest["blend"]
+    assert entry["file"] == "blend.json" and entry["network_weight"] == pytest.approx(1 / 3)
+    assert entry["tree_weight"] == pytest.approx(1 / 3) and entry["n_trees"] > 3
     assert "blend.json" in manifest["files"]
     scorer = Scorer(tiny_pipeline.model_dir, tiny_pipeline.catalog)
-    assert scorer.blend is not None and scorer.blend.network_weight == 0.5
+    assert scorer.blend is not None and scorer.blend.trees is not None
     from runtime.features import collate, coupon_features, featurize_one
     seq = collate([featurize_one(_history(n), scorer.spec, 1_700_000_000) for n in (0, 4, 25)])
     terms = coupon_features(scorer.coupons, scorer.spec)
     network = scorer._graphs.probabilities(seq, scorer._catalog_state[2])
     logistic = scorer.blend.probabilities(seq, terms)
+    trees = scorer.blend.tree_probabilities(seq, terms)
     out = scorer.run(seq)
-    for name, net, lin in zip(("p_redeem", "p_buy", "p_buy_control"), network, logistic):
-        np.testing.assert_allclose(out[name], 0.5 * net + 0.5 * lin, rtol=1e-5, atol=1e-7)
+    for name, net, lin, tree in zip(("p_redeem", "p_buy", "p_buy_control"), network, logistic, trees):
+        np.testing.assert_allclose(out[name], (net + lin + tree) / 3, rtol=1e-5, atol=1e-7)
     assert not np.allclose(out["p_buy"], network[1])  # the blend changes what is served
+    assert not np.allclose(trees[1], logistic[1])  # and the trees are a family of their own
+    subset = scorer.candidate_index([scorer.coupon_ids[2], scorer.coupon_ids[0]])
+    np.testing.assert_allclose(scorer.run(seq, subset)["p_buy"], out["p_buy"][:, subset], rtol=1e-12)
     broken = tmp_path / "model"
     shutil.copytree(tiny_pipeline.model_dir, broken)
-    (broken / "blend.json").write_text((broken / "blend.json").read_text().replace('"network_weight": 0.5', '"network_weight": 0.9'))
+    text = (broken / "blend.json").read_text()
+    assert '"tree_weight":0.3333333333333333' in text
+    (broken / "blend.json").write_text(text.replace('"tree_weight":0.3333333333333333', '"tree_weight":0.5'))
     with pytest.raises(ModelIntegrityError, match="sha256"):
         Scorer(broken, tiny_pipeline.catalog)
+
+
+def test_tree_ensemble_reproduces_scikit_learn():
+    """runtime.blend.TreeEnsemble, numpy only, gives HistGradientBoostingClassifier's probabilities,
+    through the JSON form and with the features split in groups (users x coupons x pairs)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from runtime.blend import TreeEnsemble
+    from training.uplift_baselines import _export_trees
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3000, 6))
+    x[:, 5] = rng.integers(0, 4, size=3000)  # ties on a coarse feature: "<=" at a threshold must match
+    y = ((x[:, 0] + x[:, 3] * x[:, 4] + 0.5 * x[:, 5] + rng.normal(size=3000)) > 0).astype(int)
+    models = {"a": HistGradientBoostingClassifier(max_iter=40, max_leaf_nodes=15, random_state=0).fit(x, y),
+              "b": HistGradientBoostingClassifier(max_iter=25, max_leaf_nodes=31, random_state=1).fit(x, 1 - y)}
+    heads = json.loads(json.dumps({name: _export_trees(m) for name, m in models.items()}))
+    users, coupons = rng.normal(size=(7, 1, 3)), rng.normal(size=(1, 5, 2))
+    pairs = rng.integers(0, 4, size=(7, 5, 1)).astype(float)
+    rows = np.concatenate([np.broadcast_to(users, (7, 5, 3)), np.broadcast_to(coupons, (7, 5, 2)), pairs],
+                          axis=-1).reshape(-1, 6)
+    raw = TreeEnsemble(heads, (3, 2, 1)).raw(users, coupons, pairs)  # [7, 5, 2]
+    for h, (name, model) in enumerate(models.items()):
+        expected = model.predict_proba(rows)[:, 1]
+        np.testing.assert_allclose(1 / (1 + np.exp(-raw[..., h].ravel())), expected, rtol=1e-12, atol=1e-15)
+    flat = TreeEnsemble(heads, (6,)).raw(rows)  # one group: every split through reduceat
+    np.testing.assert_allclose(flat, raw.reshape(-1, 2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.update(right=[1, -1, -1]), "reached twice"),
+    (lambda t: t.update(feature=[9, -1, -1]), "feature"),
+    (lambda t: t.update(threshold=[float("nan"), 0.0, 0.0]), "feature"),
+    (lambda t: t.update(value=[0.0, float("inf"), 0.0]), "not finite"),
+    (lambda t: t.update(left=[1]), "equally long"),
+])
+def test_bad_trees_are_refused(change, message):
+    from runtime.blend import BlendError, TreeEnsemble
+    tree = {"feature": [0, -1, -1], "threshold": [0.5, 0.0, 0.0], "left": [1, -1, -1], "right": [2, -1, -1],
+            "value": [0.0, -1.0, 1.0]}
+    assert TreeEnsemble({"h": {"baseline": 0.1, "trees": [dict(tree)]}}, (2,)).raw(np.array([[0.2, 0], [0.9, 0]])).ravel().tolist() \
+        == pytest.approx([-0.9, 1.1])
+    change(tree)
+    with pytest.raises(BlendError, match=message):
+        TreeEnsemble({"h": {"baseline": 0.1, "trees": [tree]}}, (2,))
 
 
 def test_tampered_model_is_refused(tiny_pipeline, tmp_path):

@@ -53,10 +53,13 @@ class TrainConfig:
     # process), or the number of ranks under torchrun. N > 0 gives the same model on any number of
     # ranks that divides N (batch_size must be a multiple of N).
     data_shards: int = 0
-    # the network's share of the served probabilities; the rest comes from logistic regressions on
-    # aggregate features fitted on the same rows (runtime.blend: on the default data the average of the
-    # two captured 35.4% of the oracle's profit, the network alone 13.2%). 1.0 serves the network alone.
-    network_weight: float = 0.5
+    # the network's share of the served probabilities; the rest comes from two other model families
+    # fitted on the training users' rows (runtime.blend): gradient-boosted trees (gbm_weight) and logistic
+    # regressions (the remainder), both on aggregate and habit features. Equal thirds, fixed beforehand: on
+    # the default data the network alone captured 13.2% of the oracle's profit, network + logistic 44.9%,
+    # all three 50.9%. network_weight 1.0 (with gbm_weight 0) serves the network alone.
+    network_weight: float = 1 / 3
+    gbm_weight: float = 1 / 3  # the trees' share (0: no trees are fitted or served)
     resume: str = ""  # train_state.pt to continue from (written to out_dir after every epoch)
     stop_after_epochs: int = 0  # end this run after N epochs (pre-train + fine-tune), resumable; 0 = never
 
@@ -73,8 +76,12 @@ class TrainConfig:
                 raise ValueError(f"unknown TrainConfig.model keys: {sorted(bad)}")
             data["model"] = ModelShape(**model)
         config = cls(**data)
-        if not 0.0 <= float(config.network_weight) <= 1.0:
-            raise ValueError(f"network_weight must be in [0, 1], got {config.network_weight!r}")
+        for key in ("network_weight", "gbm_weight"):
+            if not 0.0 <= float(getattr(config, key)) <= 1.0:
+                raise ValueError(f"{key} must be in [0, 1], got {getattr(config, key)!r}")
+        if config.network_weight + config.gbm_weight > 1.0 + 1e-9:
+            raise ValueError(f"network_weight + gbm_weight must be <= 1, got {config.network_weight} + "
+                             f"{config.gbm_weight} (gbm_weight 0 and network_weight 1 serve the network alone)")
         return config
 
     @classmethod

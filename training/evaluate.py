@@ -112,14 +112,22 @@ class AggregateLogistic:
         return p_redeem, p_buy, self.models["p_buy_control"].predict_proba(u)[:, 1]
 
 
-    def to_blend(self, network_weight: float = 0.5) -> blend.Blend:
-        """The fitted regressions as a :class:`runtime.blend.Blend` (what the model directory serves)."""
+    def to_blend(self, network_weight: float = 0.5, gbm=None, tree_weight: float = 0.0) -> blend.Blend:
+        """The fitted regressions as a :class:`runtime.blend.Blend` (what the model directory serves),
+        with a fitted ``training.uplift_baselines.TLearnerGBM``'s trees at ``tree_weight`` when given
+        (fitted on the same rows: the two share the blend's category price table)."""
         heads = {}
         for name, pipeline in self.models.items():
             scaler, logistic = pipeline[0], pipeline[-1]
             heads[name] = blend.LinearHead(scaler.mean_.astype(np.float64), scaler.scale_.astype(np.float64),
                                            logistic.coef_[0].astype(np.float64), float(logistic.intercept_[0]))
-        return blend.Blend(heads, network_weight, self.category_log_price)
+        if gbm is None:
+            return blend.Blend(heads, network_weight, self.category_log_price)
+        if not np.array_equal(gbm.category_log_price, self.category_log_price):
+            raise ValueError("the trees were fitted with another category price table: fit both on the same rows")
+        # through the blend file's own reader: the same validation and tree compilation as serving
+        data = blend.Blend(heads, network_weight, self.category_log_price).to_dict()
+        return blend.Blend.from_dict({**data, "trees": gbm.to_trees(), "tree_weight": tree_weight})
 
 
 def popularity_rows(train: IssuanceArrays, data: IssuanceArrays, n_coupons: int):

@@ -34,6 +34,7 @@ from training.distributed import TrainContext, World
 from training.evaluate import (AggregateLogistic, format_table, head_metrics, popularity_rows, ranking_metrics,
                                truth_metrics)
 from training.model import CouponModel, ModelConfig
+from training.uplift_baselines import TLearnerGBM
 
 log = logging.getLogger(__name__)
 
@@ -407,11 +408,16 @@ def run(config: TrainConfig) -> Path:
     if not world.is_main:
         return out / CHECKPOINT
     pre_eval = pretrain_arrays(td.histories, users[first & td.eval_mask], nows[first & td.eval_mask], spec)
-    # the logistic baseline; its coefficients are also what the exported model blends in (runtime.blend)
-    # (fitted on the validation users too: it has no early stopping that needs them held back)
-    logistic = AggregateLogistic({k: v.numpy() for k, v in coupons.items()}, spec.n_category_ids,
-                                 config.seed).fit(_subset(issued, ~td.eval_mask))
-    blend = logistic.to_blend(config.network_weight) if config.network_weight < 1.0 else None
+    # the logistic baseline and the T-learner's trees; what the exported model blends in (runtime.blend).
+    # Both learn from the validation users too: neither has early stopping that needs them held back
+    # (the trees hold back a slice of their own rows).
+    coupon_np = {k: v.numpy() for k, v in coupons.items()}
+    labelled = _subset(issued, ~td.eval_mask)
+    logistic = AggregateLogistic(coupon_np, spec.n_category_ids, config.seed).fit(labelled)
+    blend = None
+    if config.network_weight < 1.0:
+        gbm = TLearnerGBM(coupon_np, spec.n_category_ids, config.seed).fit(labelled) if config.gbm_weight > 0 else None
+        blend = logistic.to_blend(config.network_weight, gbm, config.gbm_weight)
     metrics = evaluate(model, td, train, held_out, pre_train, pre_eval, coupons, config.seed, blend, logistic)
     metrics["train"] = {"pretrain_final_loss": float(np.mean(pre_losses[-20:])) if pre_losses else None,
                         "finetune": fine,

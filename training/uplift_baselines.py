@@ -68,3 +68,26 @@ class TLearnerGBM:
         p_buy = self.models["p_buy"].predict_proba(x)[:, 1].reshape(c, n).T
         p_control = self.models["p_buy_control"].predict_proba(u)[:, 1]
         return p_redeem, p_buy, p_control
+
+    def to_trees(self) -> dict[str, dict]:
+        """The fitted trees as plain lists per head (``runtime.blend.TreeEnsemble``'s format): what a
+        blend file serves. Read from scikit-learn's fitted predictors; the blend's tests check that
+        the numpy evaluation reproduces ``predict_proba``."""
+        return {name: _export_trees(model) for name, model in self.models.items()}
+
+
+def _export_trees(model: HistGradientBoostingClassifier) -> dict:
+    if model.n_trees_per_iteration_ != 1:
+        raise ValueError("only binary classifiers can be exported")
+    trees = []
+    for (predictor,) in model._predictors:
+        nodes = predictor.nodes
+        leaf = nodes["is_leaf"].astype(bool)
+        if nodes["is_categorical"].any():
+            raise ValueError("categorical splits cannot be exported")
+        trees.append({"feature": np.where(leaf, -1, nodes["feature_idx"].astype(np.int64)).tolist(),
+                      "threshold": np.where(leaf, 0.0, nodes["num_threshold"]).tolist(),
+                      "left": np.where(leaf, -1, nodes["left"].astype(np.int64)).tolist(),
+                      "right": np.where(leaf, -1, nodes["right"].astype(np.int64)).tolist(),
+                      "value": np.where(leaf, nodes["value"], 0.0).tolist()})
+    return {"baseline": float(np.ravel(model._baseline_prediction)[0]), "trees": trees}
