@@ -253,8 +253,10 @@ def scorer_parts(app, body: bytes, n: int) -> dict[str, float]:
     parts = {"validate": median_us(lambda: parse_score(orjson.loads(body), limits)),
              "featurize": median_us(lambda: collate([featurize_one(events, scorer.spec, now)])),
              "onnxruntime": median_us(lambda: scorer._graphs.probabilities(seq, vectors))}
-    if scorer.blend is not None:
+    if scorer.blend is not None:  # all of the blend, and the share of it its trees take
         parts["blend"] = median_us(lambda: scorer.blend.mix(network, seq, terms))
+        if scorer.blend.trees is not None:
+            parts["blend_trees"] = median_us(lambda: scorer.blend.tree_probabilities(seq, terms))
     parts["score_many"] = median_us(lambda: scorer.score_many([user], k=10))
     return parts
 
