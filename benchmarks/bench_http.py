@@ -255,8 +255,9 @@ def scorer_parts(app, body: bytes, n: int) -> dict[str, float]:
              "onnxruntime": median_us(lambda: scorer._graphs.probabilities(seq, vectors))}
     if scorer.blend is not None:  # all of the blend, and the share of it its trees take
         parts["blend"] = median_us(lambda: scorer.blend.mix(network, seq, terms))
-        if scorer.blend.trees is not None:
-            parts["blend_trees"] = median_us(lambda: scorer.blend.tree_probabilities(seq, terms))
+        if scorer.blend.trees is not None:  # given the features, which the logistic shares
+            inputs = scorer.blend._inputs(seq, terms)
+            parts["blend_trees"] = median_us(lambda: scorer.blend._trees(*inputs))
     parts["score_many"] = median_us(lambda: scorer.score_many([user], k=10))
     return parts
 
