@@ -327,7 +327,7 @@ def _lookup_group(splits_per_tree: list[list[tuple[int, float, int]]], full: int
 def _lowest_bits_16() -> np.ndarray:
     values = np.arange(1 << 16, dtype=np.uint32)
     lowest = values & (~values + 1) & 0xFFFF
-    return np.where(values > 0, np.log2(np.maximum(lowest, 1)).astype(np.int64), 0)
+    return np.where(values > 0, np.log2(np.maximum(lowest, 1)).astype(np.int64), 0).astype(np.int8)  # 64 KB: small enough to stay in cache
 
 
 _LOWEST_BIT_16 = _lowest_bits_16()
