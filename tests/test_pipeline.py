@@ -378,3 +378,16 @@ def test_training_cli_rejects_unknown_config_keys(capsys):
     from training.__main__ import main
     assert main(["not_a_field=3"]) == 2
     assert "not_a_field" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("weights, message", [
+    ({"network_weight": 1.2}, "network_weight must be in"),
+    ({"gbm_weight": -0.1}, "gbm_weight must be in"),
+    ({"network_weight": 0.7, "gbm_weight": 0.5}, "network_weight \\+ gbm_weight"),
+])
+def test_blend_weights_are_checked(weights, message):
+    from training.config import TrainConfig
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_dict(weights)
+    config = TrainConfig.from_dict({"network_weight": 1.0, "gbm_weight": 0.0})  # the network alone
+    assert config.network_weight + config.gbm_weight == 1.0

@@ -30,6 +30,9 @@ Definitions (all configurable on the command line):
   alone, before pacing, and its true spend. The oracle is the same solver fed the true probabilities.
 * ``--sensitivity`` adds yardstick rows: the same allocation fed the true probabilities through
   logit noise of sd 0.1 / 0.25 / 0.5, i.e. how accurate a model has to be for a given share.
+* ``--ceiling`` adds a yardstick row: gradient boosting fitted to the *true* uplift and redemption on
+  the served features, cross-fitted over the held-out users (:func:`add_feature_ceiling`): roughly
+  what the features can tell with perfect labels.
 * ``--objective purchases`` allocates for incremental purchases instead; the oracle share is then a
   share of incremental purchases.
 * similarity policy: cosine between the user's category-preference profile (events weighted view 1 /
