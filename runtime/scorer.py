@@ -164,8 +164,8 @@ class Scorer:
     Scoring runs the scoring graph, and the profile graph (the encoder) first only when the scoring
     graph takes the profile as an input; :meth:`profile` runs the profile graph. When the model directory
     has a ``blend.json`` (``runtime.blend``), the probabilities served are its weighted average of the
-    network's and logistic heads' (float64). Coupon vectors for the catalog are computed once here, not
-    per request. ``policy`` (a policy file, its parsed JSON or a
+    network's, the logistic heads' and the trees' (float64). Coupon vectors for the catalog, and the
+    blend's per-coupon work, are computed once here, not per request. ``policy`` (a policy file, its parsed JSON or a
     ``runtime.allocation.Policy``) enables ``objective="profit"``; see :meth:`set_policy`.
     """
 
