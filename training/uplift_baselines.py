@@ -5,8 +5,9 @@ The T-learner fits one model on the treated rows (user aggregates x coupon terms
 same features -> p_redeem) and another on the control rows (user aggregates -> p_buy_control); the
 uplift of coupon c is ``p_buy(u, c) - p_buy_control(u)``. The features are the ones the logistic
 baseline in ``training.evaluate`` uses (``aggregate_features``: counts, prices, recency, conversion,
-breadth, and the habit features; plus the coupon's kind/value/min_spend and the user's share of events in the coupon's
-category), so the comparison with the Transformer is about the model, not about what it may see.
+breadth, and the habit features; plus the coupon's kind/value/min_spend and the user's share of events
+in the coupon's category), so the comparison with the Transformer is about the model, not about what
+it may see. Its trees are also the served blend's third family (:meth:`TLearnerGBM.to_trees`).
 """
 from __future__ import annotations
 
