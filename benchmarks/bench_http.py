@@ -353,7 +353,7 @@ def main(argv=None) -> int:
           f"      noop/score {cpu_ratio:.2f}")
     print(f"  in process       /v1/_noop {inproc['/v1/_noop']:8.1f} us      /v1/score {inproc['/v1/score']:8.1f} us")
     parts = inproc["parts"]
-    blend = f", logistic blend {parts['blend']:.1f} us" if "blend" in parts else ""
+    blend = f", blend {parts['blend']:.1f} us" if "blend" in parts else ""
     print(f"  score's parts    validate {parts['validate']:.1f} us, featurize {parts['featurize']:.1f} us, onnxruntime "
           f"{parts['onnxruntime']:.1f} us{blend}, whole Scorer.score_many {parts['score_many']:.1f} us (medians, called directly)")
     for share in ("50%", "80%"):

@@ -90,12 +90,14 @@ def main(argv=None) -> int:
         coupon_vectors = model.coupon_tower(*(torch.from_numpy(v) for v in coupon_terms.values()))
 
     int8 = scorers["int8"]
+    # the blend's per-catalog work done once, as the runtime's Scorer does at catalog load
+    blend_coupons = int8.blend.prepare(coupon_terms) if int8.blend is not None else None
     everyone = np.arange(len(catalog))
 
     def torch_probabilities(seq):  # what the model directory serves, with torch running the network
         with torch.no_grad():
             probs = [t.numpy() for t in serving(*(torch.from_numpy(seq[k]) for k in SEQUENCE_INPUTS), coupon_vectors)]
-        return int8.blend.mix(probs, seq, coupon_terms) if int8.blend is not None else probs
+        return int8.blend.mix(probs, seq, blend_coupons) if int8.blend is not None else probs
 
     def torch_score(events):  # the same featurizer, blend and ranked answer as the runtime, with torch inference
         seq = collate([featurize_one(events, spec, None)])

@@ -189,8 +189,8 @@ class Scorer:
         providers = ["CPUExecutionProvider"]
         self._graphs = ModelGraphs(self.model_dir / profile_file, self.model_dir / scorer_file, opts)
         self._tower = ort.InferenceSession(str(self.model_dir / tower_file), opts, providers=providers)
-        # the logistic blend (runtime.blend), when the model directory has one: what the exported model
-        # serves is its average with the network's probabilities
+        # the blend (runtime.blend), when the model directory has one: what the exported model serves is
+        # the network's probabilities averaged with the logistic heads' and the trees'
         self.blend: Blend | None = None
         if blend_file:
             try:

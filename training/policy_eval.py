@@ -220,8 +220,9 @@ def load_policy_data(data_dir: str | Path, checkpoint: str | Path | None, model_
         model_version = manifest.get("model_version")
         spec = FeatureSpec.from_dict(manifest["feature_spec"])
         eval_seq = sequence_arrays(histories, user_ids.tolist(), nows.tolist(), spec)
+        coupon_np = coupon_features(coupons, spec)
         models = {"transformer": _onnx_predictions(model_dir, eval_seq, coupons)}
-        if manifest.get("blend"):  # the served model blends in logistic heads: show the network alone too
+        if manifest.get("blend"):  # the served model is a blend: show the network alone too
             models["network_only"] = _onnx_predictions(model_dir, eval_seq, coupons, blend=False)
         eval_fraction = _eval_fraction(checkpoint, data_dir)
     else:
@@ -229,12 +230,13 @@ def load_policy_data(data_dir: str | Path, checkpoint: str | Path | None, model_
         model, ckpt = load_checkpoint(checkpoint)
         spec = FeatureSpec.from_dict(ckpt["feature_spec"])
         eval_seq = sequence_arrays(histories, user_ids.tolist(), nows.tolist(), spec)
+        coupon_np = coupon_features(coupons, spec)
         network = _torch_predictions(model, eval_seq, coupons, spec)
         models = {"transformer": network}
-        if ckpt.get("blend") is not None:  # what the export will serve: the network blended with logistic heads
+        if ckpt.get("blend") is not None:  # what the export will serve: the network blended with the other families
             from runtime.blend import Blend
             mixed = Blend.from_dict(ckpt["blend"]).mix([network.p_redeem, network.p_buy, network.p_control],
-                                                       eval_seq.arrays, coupon_features(coupons, spec))
+                                                       eval_seq.arrays, coupon_np)
             models = {"transformer": Predictions(*mixed), "network_only": network}
         eval_fraction = float(ckpt["train_config"].get("eval_fraction", 0.2))
 
@@ -249,7 +251,6 @@ def load_policy_data(data_dir: str | Path, checkpoint: str | Path | None, model_
 
     if baselines:
         train_arrays = issuance_arrays(train_rows, histories, spec, coupon_ids)
-        coupon_np = coupon_features(coupons, spec)
         models["t_learner_gbm"] = Predictions(*TLearnerGBM(coupon_np, spec.n_category_ids, seed).fit(train_arrays).predict_all(eval_seq))
         models["logistic"] = Predictions(*AggregateLogistic(coupon_np, spec.n_category_ids, seed).fit(train_arrays).predict_all(eval_seq))
 
@@ -264,7 +265,7 @@ def load_policy_data(data_dir: str | Path, checkpoint: str | Path | None, model_
     return PolicyData(user_ids=user_ids, coupon_ids=coupon_ids, cost=coupons_df["cost"].to_numpy(np.float64),
                       truth=truth, true_order_value=true_ov, order_value=order_value, order_value_config=ov_config,
                       similarity=similarity, models=models, experiment=experiment, model_version=model_version,
-                      segments=segments, sequences=eval_seq, coupon_arrays=coupon_features(coupons, spec),
+                      segments=segments, sequences=eval_seq, coupon_arrays=coupon_np,
                       n_category_ids=spec.n_category_ids)
 
 
