@@ -48,6 +48,7 @@ LEDGERS = ("sqlite", "postgresql")
 CREATED = {"/v1/conversions": "201"}  # endpoints whose success is not a 200
 PERCENTILES = {"p50": "50%", "p90": "90%", "p95": "95%", "p99": "99%"}  # locust's CSV columns
 SERVER_PERCENTILES = ("mean", "p50", "p95", "p99")
+CALIBRATION = "calibration"  # the thresholds file's table of the machine-speed reference, not a profile
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -70,8 +71,8 @@ def get_args(argv=None) -> argparse.Namespace:
 def load_profile(path: Path, name: str) -> dict[str, Any]:
     with open(path, "rb") as fh:
         profiles = tomllib.load(fh)
-    if name not in profiles:
-        raise ValueError(f"{path} has no profile {name!r}; it has {sorted(profiles)}")
+    if name not in profiles or name == CALIBRATION:
+        raise ValueError(f"{path} has no profile {name!r}; it has {sorted(set(profiles) - {CALIBRATION})}")
     profile = profiles[name]
     unknown = set(profile) - PROFILE_KEYS - set(OPTIONAL_KEYS)
     missing = PROFILE_KEYS - set(profile)
@@ -95,6 +96,30 @@ def load_profile(path: Path, name: str) -> dict[str, Any]:
     return profile
 
 
+def load_reference_ms(path: Path) -> float:
+    """``[calibration] reference_ms``: the calibration workload's time where the server limits were measured."""
+    with open(path, "rb") as fh:
+        table = tomllib.load(fh).get(CALIBRATION)
+    if not isinstance(table, dict) or set(table) != {"reference_ms"}:
+        raise ValueError(f"{path}: needs a [{CALIBRATION}] table with exactly one key, reference_ms")
+    reference = table["reference_ms"]
+    if isinstance(reference, bool) or not isinstance(reference, (int, float)) or not reference > 0:
+        raise ValueError(f"{path} [{CALIBRATION}] reference_ms must be a positive number, got {reference!r}")
+    return float(reference)
+
+
+def scale_server_limits(profile: dict[str, Any], speed: float) -> dict[str, Any]:
+    """The profile with its server CPU and latency limits scaled to a machine ``speed`` times slower.
+
+    ``speed`` comes from ``loadtests/calibrate.py``. The client-side limits stay as written: they are loose
+    on purpose (stalls, timeouts, queueing) and mostly measure the load generator.
+    """
+    return {**profile,
+            "server_cpu_ms": {kind: round(limit * speed, 2) for kind, limit in profile["server_cpu_ms"].items()},
+            "server_latency_ms": {name: {p: round(limit * speed, 2) for p, limit in limits.items()}
+                                  for name, limits in profile["server_latency_ms"].items()}}
+
+
 def read_stats(path: Path) -> dict[str, dict[str, str]]:
     with open(path, newline="") as fh:
         return {row["Name"]: row for row in csv.DictReader(fh)}
@@ -105,7 +130,8 @@ def evaluate(stats: dict[str, dict[str, str]], profile: dict[str, Any], duration
     """The summary figures and the list of threshold violations (empty: pass).
 
     ``server``: the server-side figures (``{"cpu_ms_per_request", "latency_ms": {endpoint: {...}}}``);
-    without them only the client-side gates apply.
+    without them only the client-side gates apply. The profile's server limits are this machine's
+    (see ``scale_server_limits``).
     """
     total = stats.get("Aggregated")
     if total is None:
@@ -173,6 +199,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = get_args(argv)
     profile = load_profile(args.thresholds, args.profile)
+    reference_ms = load_reference_ms(args.thresholds)
     if args.users is not None:
         profile["users"] = profile["spawn_rate"] = args.users
     if args.user_rate is not None:
@@ -184,6 +211,7 @@ def main(argv=None) -> int:
         stale.unlink(missing_ok=True)
 
     from loadtests import serverstats
+    from loadtests.calibrate import calibration_ms, speed_factor
     from loadtests.model import resolve
     from loadtests.payloads import build_pool, save_pool
     from runtime.scorer import read_manifest
@@ -208,10 +236,16 @@ def main(argv=None) -> int:
                        log_path=out / "server.log", env=server_env) as server:
         if ledger is not None:
             ledger.create_campaign(server.url)
+        # timed while the server is idle, before and after the run: a host's speed drifts within minutes
+        calibration = calibration_ms()
         before, cpu_before = serverstats.scrape(server.url), server.cpu_seconds()
         code = run_locust(server.url, profile, duration_s, out, env)
         cpu_after, after = server.cpu_seconds(), serverstats.scrape(server.url)
         workers = len(server.worker_pids())
+        calibration += calibration_ms()
+    speed = speed_factor(calibration, reference_ms)
+    log.info("machine speed: calibration workload %.2f ms (median of %d) vs %.2f ms on the reference machine: "
+             "server limits x %.2f", speed * reference_ms, len(calibration), reference_ms, speed)
     if code != 0:
         log.error("locust exited with %d; see %s", code, out / "locust.log")
         return 1
@@ -224,6 +258,7 @@ def main(argv=None) -> int:
                        for name in SCENARIOS[profile["scenario"]][2] for ok in [CREATED.get(name, "200")]},
     }
     stats = read_stats(out / "locust_stats.csv")
+    profile = scale_server_limits(profile, speed)
     summary, violations = evaluate(stats, profile, duration_s, server_figures, source)
     if ledger is not None:
         served = {name: int(serverstats.diff(serverstats.histogram(after, name),
@@ -231,6 +266,8 @@ def main(argv=None) -> int:
                   for name in ("/v1/issue", "/v1/redeem")}
         summary["ledger"], ledger_violations = ledger.check(stats, served)
         violations += ledger_violations
+    summary["machine"] = {"calibration_ms": round(speed * reference_ms, 3), "reference_ms": reference_ms,
+                          "speed_factor": round(speed, 3)}
     summary.update({"profile": args.profile, "model": str(model_dir), "model_source": source,
                     "wall_s": round(time.perf_counter() - started, 1), "violations": violations,
                     "passed": not violations})
@@ -254,6 +291,10 @@ def format_summary(summary: dict, profile: dict) -> str:
     server = summary.get("server")
     if server:
         limit = profile["server_cpu_ms"].get(summary.get("model_source", ""))
+        machine = summary.get("machine")
+        if machine:
+            lines.append(f"  machine: calibration {machine['calibration_ms']} ms vs {machine['reference_ms']} ms "
+                         f"where the limits were set: server limits x {machine['speed_factor']}")
         lines.append(f"  server: {server['workers']} workers, {server['requests']} requests, "
                      f"{server['cpu_ms_per_request']} CPU ms per request" + (f" (<= {limit})" if limit else ""))
         for name, fig in server["latency_ms"].items():

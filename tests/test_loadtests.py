@@ -12,7 +12,8 @@ import orjson
 import pytest
 
 from loadtests.payloads import bench_body, build_pool
-from loadtests.run import PERCENTILES, evaluate, load_profile
+from loadtests.calibrate import calibration_ms, speed_factor
+from loadtests.run import PERCENTILES, evaluate, load_profile, load_reference_ms, scale_server_limits
 from runtime.scorer import read_manifest
 from server.app import create_app
 from server.config import load_config
@@ -105,6 +106,49 @@ def test_checked_in_thresholds_parse_and_gate(name):
     assert any(v.startswith("server /v1/score") for v in gate(_stats(1.0, rps=offered), _server(1.0, 1000.0))[1])
     no_server = {"workers": 2, "requests": 0, "cpu_ms_per_request": None, "latency_ms": {}}
     assert len(gate(_stats(1.0, rps=offered), no_server)[1]) == 2
+
+
+def test_server_limits_follow_the_machine_speed_and_still_catch_a_slower_request_path():
+    profile = load_profile(THRESHOLDS, "ci")
+    offered = profile["users"] * profile["user_rate"]
+    reference_cpu = profile["server_cpu_ms"]["tiny"]
+    reference_p50 = profile["server_latency_ms"]["/v1/score"]["p50"]
+    # a machine 3x as slow as the reference: its figures are 3x the reference's, and its limits too
+    slow = scale_server_limits(profile, 3.0)
+    assert slow["server_cpu_ms"]["tiny"] == pytest.approx(3 * reference_cpu, abs=0.01)
+    assert slow["server_latency_ms"]["/v1/score"]["p50"] == pytest.approx(3 * reference_p50, abs=0.01)
+    assert slow["latency_ms"] == profile["latency_ms"]  # the client's loose limits stay as written
+    assert profile["server_cpu_ms"]["tiny"] == reference_cpu  # the checked-in profile is not changed
+
+    def gate(limits, cpu_ms, p50_ms):
+        return evaluate(_stats(1.0, rps=offered), limits, limits["duration_s"], _server(cpu_ms, p50_ms), "tiny")[1]
+
+    usual_cpu, usual_p50 = reference_cpu / 2, reference_p50 / 2  # what the reference machine measures, or less
+    assert gate(profile, usual_cpu, usual_p50) == []
+    assert gate(slow, 3 * usual_cpu, 3 * usual_p50) == []  # the same code on the slow machine passes there
+    at_reference = gate(profile, 3 * usual_cpu, 3 * usual_p50)  # and would fail at the reference's limits
+    assert any("CPU ms per request" in v for v in at_reference)
+    assert any(v.startswith("server /v1/score: p50") for v in at_reference)
+    # a request path 3x as expensive fails on the slow machine too
+    assert any("CPU ms per request" in v for v in gate(slow, 9 * usual_cpu, 3 * usual_p50))
+
+
+def test_calibration_measures_cpu_time_and_its_reference_is_checked(tmp_path):
+    samples = calibration_ms(reps=3, rounds=2)
+    assert len(samples) == 3 and all(s > 0 for s in samples)
+    assert speed_factor([1.0, 2.0, 9.0], 0.5) == 4.0  # the median, so one slow rep does not move it
+    assert load_reference_ms(THRESHOLDS) > 0
+    with pytest.raises(ValueError, match="has no profile 'calibration'"):
+        load_profile(THRESHOLDS, "calibration")
+    text = THRESHOLDS.read_text()
+    for broken, message in ((text.replace("reference_ms =", "reference_msec =", 1), "exactly one key"),
+                            (text.replace("[calibration]", "[calibrated]", 1), "needs a \\[calibration\\] table")):
+        bad = tmp_path / "t.toml"
+        bad.write_text(broken)
+        with pytest.raises(ValueError, match=message):
+            load_reference_ms(bad)
+    with pytest.raises(ValueError, match="positive"):
+        speed_factor([], 1.0)
 
 
 def test_thresholds_reject_unknown_keys(tmp_path):
