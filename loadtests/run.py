@@ -11,7 +11,8 @@
    ``loadtests/serverstats.py``), stops the server (also on errors), writes ``<out>/locust_stats.csv``
    (and the other locust CSVs), ``<out>/report.html``, ``<out>/server.log`` and ``<out>/summary.json``;
 5. exits 1 if the error ratio, the throughput, a client-side latency percentile, a server-side latency
-   percentile or the server's CPU time per request passes its threshold.
+   percentile or the server's CPU time per request passes its threshold (the server's thresholds scaled
+   to this machine's speed, timed before and after the run: see ``loadtests/calibrate.py``).
 
 Profiles with ``scenario = "ledger"`` (``make loadtest-ledger``) drive the issue -> redeem -> convert flow
 instead (``loadtests/ledger_locustfile.py``) against a service with a ledger (``ledger = "sqlite"``: a
