@@ -370,7 +370,7 @@ def export_model(checkpoint: str | Path, out_dir: str | Path, data_dir: str | Pa
             (work / BLEND_FILE).write_text(json.dumps(blend.to_dict(), separators=(",", ":")))
             names += (BLEND_FILE,)
             blend_entry = {"file": BLEND_FILE, "network_weight": blend.network_weight,
-                           "tree_weight": blend.tree_weight if blend.trees is not None else 0.0,
+                           "tree_weight": blend.tree_weight,  # 0 without trees (Blend.from_dict checks)
                            "logistic_weight": blend.logistic_weight,
                            "n_trees": sum(t.n_trees for t in blend.trees.values()) if blend.trees is not None else 0,
                            "what": "logistic regressions and (optionally) gradient-boosted trees on aggregate and "

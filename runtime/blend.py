@@ -227,8 +227,8 @@ class TreeEnsemble:
         if not isinstance(heads, Mapping) or not heads:
             raise BlendError("tree heads must be a non-empty mapping")
         self.names = list(heads)
-        self.groups = [int(g) for g in groups]
-        n_features = sum(self.groups)
+        self.group_widths = [int(g) for g in groups]
+        n_features = sum(self.group_widths)
         self._source = {name: heads[name] for name in self.names}
         compiled, leaf_values, tree_head, baselines = [], [], [], []
         for h, name in enumerate(self.names):
@@ -250,11 +250,11 @@ class TreeEnsemble:
         bits = np.iinfo(self._dtype).bits
         full = (1 << bits) - 1
         self._all = self._dtype(full)
-        self._groups = []
+        self._compiled_groups = []  # per group: ("lookup" | "reduce", its arrays)
         lo = 0
-        for width in self.groups:
+        for width in self.group_widths:
             mine = [[(f - lo, t, m & full) for f, t, m in splits if lo <= f < lo + width] for splits in compiled]
-            self._groups.append(_lookup_group(mine, full, self._dtype) if width == 1 else
+            self._compiled_groups.append(_lookup_group(mine, full, self._dtype) if width == 1 else
                                 _reduce_group(mine, full, self._dtype))
             lo += width
         self._leaf_values = np.array([v + [0.0] * (bits - len(v)) for v in leaf_values]).ravel()  # [K x bits]
@@ -271,7 +271,7 @@ class TreeEnsemble:
     def group_mask(self, group: int, part: np.ndarray) -> np.ndarray:
         """``[..., K]`` the leaves each tree keeps after the splits on feature group ``group``, for rows
         ``part [..., width]``: what :meth:`scores` combines (by AND) across groups."""
-        kind, tables = self._groups[group]
+        kind, tables = self._compiled_groups[group]
         if kind == "lookup":  # one feature: the mask is a function of where the value falls among the thresholds
             thresholds, table = tables
             return table[np.searchsorted(thresholds, part[..., 0], side="left")]
